@@ -1,0 +1,180 @@
+"""The ``integrations`` command: submit jobs, read the ledger, check the services file.
+
+Every error is one line on stderr and a non-zero exit; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from integrations.errors import IntegrationError
+
+
+def _parse_value(raw: str) -> Any:
+    """``key=value`` values are JSON when they parse as JSON (numbers, true, lists), else text."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _params(pairs: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise IntegrationError(f"expected key=value, got {pair!r}")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dt.datetime):
+        return v.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def _table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from integrations import submit
+
+    result = submit(args.service, args.operation, _params(args.params), args.idempotency_key)
+    if not args.wait:
+        print(result.id)
+        return 0
+    try:
+        out = result.get(timeout=args.timeout)
+    except IntegrationError as e:
+        print(f"job {result.id} failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from integrations.ledger import jobs
+
+    rows = jobs.list_jobs(status=args.status, service=args.service, limit=args.limit)
+    cols = ["id", "service", "operation", "status", "attempts", "status_code", "latency_ms", "created_at"]
+    print(_table(rows, cols))
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from integrations.ledger import jobs
+
+    job = jobs.get_job(args.id, with_attempts=True)
+    if job is None:
+        raise IntegrationError(f"no job with id {args.id}")
+    attempts = job.pop("attempts_log")
+    for key, value in job.items():
+        shown = json.dumps(value) if isinstance(value, dict) else _fmt(value)
+        print(f"{key:>16}: {shown}")
+    print("\nattempts:")
+    cols = ["number", "outcome", "status_code", "latency_ms", "error", "started_at"]
+    print(_table(attempts, cols))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from integrations.ledger import jobs
+
+    rows = jobs.stats()
+    for r in rows:
+        rate = r["success_rate"]
+        r["success"] = "-" if rate is None else f"{rate:.0%}"
+    print(_table(rows, ["service", "operation", "count", "succeeded", "failed", "success", "p50_ms", "p95_ms"]))
+    return 0
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    from integrations.config import get_services, get_settings
+
+    services = get_services()
+    print(f"{get_settings().services_file}: {len(services)} services, valid")
+    for svc in services.values():
+        limit = f", rate limit {svc.rate_limit}" if svc.rate_limit else ""
+        print(f"{svc.name} ({svc.kind}, {svc.base_url}, auth {svc.auth.type}{limit})")
+        for name, op in svc.operations.items():
+            print(f"  {name}: {op.method} {op.path}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from integrations.ledger.migrate import upgrade
+
+    upgrade()
+    print("ledger schema is up to date")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="integrations", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("call", help="submit a job: SERVICE OPERATION key=value ...")
+    c.add_argument("service")
+    c.add_argument("operation")
+    c.add_argument("params", nargs="*", metavar="key=value")
+    c.add_argument("--idempotency-key")
+    c.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    c.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait")
+    c.set_defaults(func=cmd_call)
+
+    j = sub.add_parser("jobs", help="list jobs, newest first")
+    j.add_argument("--status", choices=["queued", "running", "retrying", "succeeded", "failed"])
+    j.add_argument("--service")
+    j.add_argument("--limit", type=int, default=20)
+    j.set_defaults(func=cmd_jobs)
+
+    one = sub.add_parser("job", help="one job with its attempts")
+    one.add_argument("id")
+    one.set_defaults(func=cmd_job)
+
+    sub.add_parser("stats", help="per service and operation: count, success rate, p50/p95").set_defaults(
+        func=cmd_stats
+    )
+    sub.add_parser("services", help="validate the services file and list it").set_defaults(
+        func=cmd_services
+    )
+    sub.add_parser("migrate", help="apply the ledger's migrations").set_defaults(func=cmd_migrate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except IntegrationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TimeoutError:
+        print("error: timed out waiting for the result (the job goes on; see 'integrations jobs')", file=sys.stderr)
+        return 1
+    except Exception as e:  # a broken database or broker: one line, not a traceback
+        print(f"error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:300]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Settings from the environment and services from the services file, validated at start-up.
+
+Every error is a :class:`~integrations.errors.ConfigError` whose message names the service and
+the field and never the value, so a broken configuration cannot print a secret.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from integrations.errors import ConfigError, InvalidParams
+
+# --------------------------------------------------------------------------------------------
+# Settings (environment)
+# --------------------------------------------------------------------------------------------
+
+#: Settings that may hold a secret can also be read from a file named by ``NAME_FILE``.
+_FILE_SETTINGS = ("BROKER_URL", "RESULT_BACKEND", "DATABASE_URL", "FLOWER_PASSWORD")
+
+
+class Settings(BaseSettings):
+    """The process's settings. Defaults are the embedded ones: no Redis, no Postgres."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    broker_url: str = "filesystem://"
+    result_backend: str | None = None
+    database_url: str = "sqlite:///var/integrations.db"
+    services_file: Path = Path("services.yaml")
+    var_dir: Path = Path("var")
+
+    ledger_body_max_bytes: int = Field(4096, ge=0, le=1_000_000)
+    response_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+
+    worker_autoscale_max: int = Field(8, ge=1, le=256)
+    worker_autoscale_min: int = Field(2, ge=1, le=256)
+    worker_prefetch_multiplier: int = Field(4, ge=1, le=64)
+    task_soft_time_limit: float = Field(120, gt=0)
+    task_time_limit: float = Field(150, gt=0)
+    #: The longest countdown a retry may sit on the broker. Redis redelivers a message left
+    #: unacknowledged past its visibility timeout, so this must stay well below it.
+    max_countdown: int = Field(900, ge=1)
+    visibility_timeout: int = Field(3600, ge=60)
+    #: A job queued this long without being claimed is presumed lost and published again.
+    stuck_after: int = Field(900, ge=10)
+
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.worker_autoscale_min > self.worker_autoscale_max:
+            raise ValueError("WORKER_AUTOSCALE_MIN must not exceed WORKER_AUTOSCALE_MAX")
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("TASK_SOFT_TIME_LIMIT must be below TASK_TIME_LIMIT")
+        if self.max_countdown * 2 > self.visibility_timeout:
+            raise ValueError("MAX_COUNTDOWN must be at most half of VISIBILITY_TIMEOUT")
+        return self
+
+    @property
+    def results_url(self) -> str:
+        """Where task results go: ``RESULT_BACKEND``, else Redis beside a Redis broker, else the DB."""
+        if self.result_backend:
+            return self.result_backend
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return "db+" + self.database_url
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment; ``NAME_FILE`` stands in for a secret ``NAME``."""
+    from_files: dict[str, Any] = {}
+    for name in _FILE_SETTINGS:
+        file_name = os.environ.get(name + "_FILE")
+        if name not in os.environ and file_name:
+            from_files[name.lower()] = _read_secret_file(file_name, name)
+    try:
+        return Settings(**from_files)
+    except ValidationError as e:
+        raise ConfigError("invalid settings: " + _describe(e, prefix="")) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return load_settings()
+
+
+# --------------------------------------------------------------------------------------------
+# Services file
+# --------------------------------------------------------------------------------------------
+
+_RATE_RE = re.compile(r"^\d+(\.\d+)?/[smh]$")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_TYPES: dict[str, Any] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "list": list[Any],
+    "dict": dict[str, Any],
+    "any": Any,
+}
+_METHODS = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoAuth(_Strict):
+    type: Literal["none"] = "none"
+
+
+class BearerAuth(_Strict):
+    type: Literal["bearer"]
+    token: SecretStr = Field(min_length=1)
+
+
+class ApiKeyAuth(_Strict):
+    type: Literal["api_key"]
+    key: SecretStr = Field(min_length=1)
+    name: str = Field("X-API-Key", min_length=1)
+    location: Literal["header", "query"] = Field("header", alias="in")
+
+
+class BasicAuth(_Strict):
+    type: Literal["basic"]
+    username: str = Field(min_length=1)
+    password: SecretStr
+
+
+Auth = Annotated[NoAuth | BearerAuth | ApiKeyAuth | BasicAuth, Field(discriminator="type")]
+
+
+class RetryPolicy(_Strict):
+    """Celery's own retry options, per service: ``retry_backoff`` is ``backoff`` seconds doubled
+    on each retry, capped at ``backoff_max``, with full jitter when ``jitter`` is set."""
+
+    max_retries: int = Field(5, ge=0, le=100)
+    backoff: int = Field(2, ge=1, le=3600)
+    backoff_max: int = Field(300, ge=1)
+    jitter: bool = True
+    #: The longest ``Retry-After`` honoured as given; longer waits are cut to this.
+    retry_after_max: int = Field(300, ge=1)
+
+
+def _parse_type(spec: str) -> tuple[Any, bool]:
+    """``"str | None"`` -> ``(str, optional=True)``."""
+    parts = [p.strip() for p in spec.split("|")]
+    optional = "None" in parts
+    names = [p for p in parts if p != "None"]
+    if not names or any(n not in _TYPES for n in names):
+        raise ValueError(f"unknown type {spec!r}; use one of {', '.join(_TYPES)}, optionally '| None'")
+    tp: Any = _TYPES[names[0]]
+    for n in names[1:]:
+        tp = tp | _TYPES[n]
+    return tp, optional
+
+
+class Operation(_Strict):
+    """One call a service offers. Path parameters come from ``{name}`` in ``path`` (strings);
+    ``query`` and ``body`` map parameter names to types."""
+
+    method: _METHODS = "GET"
+    path: str = Field(pattern=r"^/")
+    query: dict[str, str] = Field(default_factory=dict)
+    body: dict[str, str] | None = None
+
+    _model: type[BaseModel] = PrivateAttr()
+
+    @property
+    def path_params(self) -> list[str]:
+        return [f for _, f, _, _ in string.Formatter().parse(self.path) if f]
+
+    @model_validator(mode="after")
+    def _build_params_model(self) -> Operation:
+        fields: dict[str, Any] = {}
+        for name in self.path_params:
+            if not name.isidentifier():
+                raise ValueError(f"path parameter {{{name}}} is not a valid name")
+            fields[name] = (str, Field(min_length=1))
+        for where, specs in (("query", self.query), ("body", self.body or {})):
+            for name, spec in specs.items():
+                if name in fields:
+                    raise ValueError(f"parameter {name!r} is declared twice ({where})")
+                tp, optional = _parse_type(spec)
+                fields[name] = (tp | None, None) if optional else (tp, ...)
+        self._model = create_model("Params", __config__=ConfigDict(extra="forbid"), **fields)
+        return self
+
+    def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Return the params checked and coerced; raise :class:`InvalidParams` naming each problem."""
+        try:
+            return self._model.model_validate(params).model_dump(exclude_none=True)
+        except ValidationError as e:
+            raise InvalidParams(_describe(e, prefix="")) from None
+
+
+class ServiceConfig(_Strict):
+    name: str
+    kind: Literal["rest", "github"] = "rest"
+    base_url: str = Field(pattern=r"^https?://[^/]+")
+    auth: Auth = NoAuth()
+    timeout: float = Field(10, gt=0, le=300)
+    rate_limit: str | None = None
+    retry: RetryPolicy = RetryPolicy()
+    #: Allow requests to loopback, private and link-local addresses (off: an SSRF guard).
+    allow_private_network: bool = False
+    headers: dict[str, str] = Field(default_factory=dict)
+    operations: dict[str, Operation] = Field(min_length=1)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, v: str | None) -> str | None:
+        if v is not None and not _RATE_RE.match(v):
+            raise ValueError("must look like 10/s, 100/m or 5000/h")
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+
+def load_services(path: Path, settings: Settings | None = None) -> dict[str, ServiceConfig]:
+    """Read and validate the services file. Raises :class:`ConfigError` naming service and field."""
+    settings = settings or get_settings()
+    try:
+        text = path.read_text()
+        # ${...} is not valid inside a YAML flow mapping ({token: ${X}}); stand a plain word in
+        # for each reference while parsing, so values never go through the YAML parser either.
+        refs: list[str] = []
+        text = _ENV_REF.sub(lambda m: refs.append(m.group(0)) or f"__ENV_REF_{len(refs) - 1}__", text)
+        raw = _restore_refs(yaml.safe_load(text), refs)
+    except OSError as e:
+        raise ConfigError(f"services file {path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"services file {path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("services"), dict):
+        raise ConfigError(f"services file {path}: expected a mapping with a 'services' key")
+    services: dict[str, ServiceConfig] = {}
+    for name, spec in raw["services"].items():
+        where = f"services.{name}"
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ConfigError(f"{where}: service names are lower-case letters, digits and '_'")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        spec = _interpolate(spec, where)
+        try:
+            svc = ServiceConfig.model_validate({**spec, "name": name})
+        except ValidationError as e:
+            raise ConfigError(_describe(e, prefix=where + ".")) from None
+        if svc.retry.backoff_max > settings.max_countdown:
+            raise ConfigError(f"{where}.retry.backoff_max: must be at most MAX_COUNTDOWN")
+        if svc.retry.retry_after_max > settings.max_countdown:
+            raise ConfigError(f"{where}.retry.retry_after_max: must be at most MAX_COUNTDOWN")
+        services[name] = svc
+    return services
+
+
+@functools.cache
+def get_services() -> dict[str, ServiceConfig]:
+    settings = get_settings()
+    return load_services(settings.services_file, settings)
+
+
+_PLACEHOLDER = re.compile(r"__ENV_REF_(\d+)__")
+
+
+def _restore_refs(node: Any, refs: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _restore_refs(v, refs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_restore_refs(v, refs) for v in node]
+    if isinstance(node, str):
+        return _PLACEHOLDER.sub(lambda m: refs[int(m.group(1))], node)
+    return node
+
+
+def _interpolate(node: Any, where: str) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; ``VAR_FILE`` stands in for ``VAR``."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{where}.{k}") for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{where}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if os.environ.get(name + "_FILE"):
+            return _read_secret_file(os.environ[name + "_FILE"], name)
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} is not set (nor {name}_FILE)")
+
+    return _ENV_REF.sub(sub, node)
+
+
+def _read_secret_file(file_name: str, name: str) -> str:
+    try:
+        return Path(file_name).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"{name}_FILE: cannot read {file_name} ({e.strerror})") from None
+
+
+def _describe(e: ValidationError, prefix: str) -> str:
+    """Name every failing field and why, without the value that was given."""
+    parts = []
+    for err in e.errors(include_url=False, include_input=False, include_context=False):
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip('.')}: {msg}")
+    return "; ".join(parts)

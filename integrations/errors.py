@@ -1,0 +1,78 @@
+"""The typed errors of the project, and what each says about retrying.
+
+::
+
+    IntegrationError                 base; never carries a secret in its message
+    +-- ConfigError                  the settings or the services file are wrong (start-up)
+    +-- SubmitError                  a job could not be accepted (caller's fault or broker down)
+    |   +-- UnknownService
+    |   +-- UnknownOperation
+    |   +-- InvalidParams
+    +-- CallError                    one upstream call went wrong
+        +-- PermanentError           do not retry: 4xx (but 408/429), refused address, bad response
+        +-- TransientError           retry with backoff: connection errors, timeouts, 408, 5xx
+            +-- RateLimited          retry no earlier than ``retry_after`` seconds (429, 503)
+
+Celery rebuilds a task's exception in the caller from its class and ``args``, so every class
+here is constructible from its message alone; the extra attributes are keyword-only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class IntegrationError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(IntegrationError):
+    """The settings or the services file are invalid; the message names the field."""
+
+
+class SubmitError(IntegrationError):
+    """A job was refused before anything was written or queued (or the broker was down)."""
+
+
+class UnknownService(SubmitError):
+    pass
+
+
+class UnknownOperation(SubmitError):
+    pass
+
+
+class InvalidParams(SubmitError):
+    pass
+
+
+class CallError(IntegrationError):
+    """An upstream call failed. ``status_code`` is the HTTP status when there was a response."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        #: The :class:`integrations.http.Response` behind the error, when there was one.
+        self.response: Any = None
+
+
+class PermanentError(CallError):
+    """Trying again will not help: fail the job now."""
+
+
+class TransientError(CallError):
+    """The next try may succeed: retry with exponential backoff."""
+
+    retryable = True
+
+
+class RateLimited(TransientError):
+    """The upstream asked us to wait; ``retry_after`` is in seconds (``None`` when it did not say)."""
+
+    def __init__(
+        self, message: str, *, status_code: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status_code=status_code)
+        self.retry_after = retry_after

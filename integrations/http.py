@@ -1,0 +1,222 @@
+"""The one place where HTTP requests are made.
+
+Every outgoing request goes through :func:`send`: a pooled session per service and thread, a
+timeout, an SSRF guard applied to every hop (redirects included), a bounded body, and one
+classification of the outcome into :mod:`integrations.errors`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import ipaddress
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from integrations.auth import requests_auth
+from integrations.config import ServiceConfig
+from integrations.errors import CallError, PermanentError, RateLimited, TransientError
+
+USER_AGENT = "agent-integrations/0.1"
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    url: str
+    params: dict[str, Any] = field(default_factory=dict)
+    json: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Response:
+    status_code: int
+    reason: str
+    headers: dict[str, str]
+    body: bytes
+    latency_ms: float
+
+    def data(self) -> Any:
+        """The body as JSON when it says it is JSON, else as text (``None`` when empty)."""
+        if not self.body:
+            return None
+        text = self.body.decode("utf-8", errors="replace")
+        if "json" in self.headers.get("content-type", "").lower():
+            try:
+                return json.loads(text)
+            except ValueError:
+                return text
+        return text
+
+    def excerpt(self, limit: int) -> str | None:
+        """At most ``limit`` bytes of the body, for the ledger."""
+        if not self.body or limit <= 0:
+            return None
+        return self.body[:limit].decode("utf-8", errors="replace")
+
+
+class BlockedAddress(PermanentError):
+    """The request's host resolves to an address the service may not reach."""
+
+
+def check_address(url: str) -> None:
+    """Refuse hosts that resolve to loopback, private, link-local or otherwise non-global addresses.
+
+    The check resolves the name itself; a DNS answer that changes between this look-up and the
+    connection (rebinding) is not caught here.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise TransientError(f"cannot resolve {host}") from e
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        if not ip.is_global:
+            raise BlockedAddress(
+                f"refused to connect to {host}: it resolves to a non-public address "
+                "(set allow_private_network on the service to allow it)"
+            )
+
+
+class GuardedAdapter(HTTPAdapter):
+    """An adapter that applies :func:`check_address` to every request it sends."""
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        check_address(request.url or "")
+        return super().send(request, *args, **kwargs)
+
+
+_local = threading.local()
+
+
+def _reset_sessions_in_child() -> None:
+    # Pooled sockets must not be shared between a parent and its forked children.
+    global _local
+    _local = threading.local()
+
+
+os.register_at_fork(after_in_child=_reset_sessions_in_child)
+
+
+def session_for(service: ServiceConfig) -> requests.Session:
+    """The keep-alive session of ``service`` in this thread, made on first use."""
+    sessions: dict[str, requests.Session] | None = getattr(_local, "sessions", None)
+    if sessions is None:
+        sessions = _local.sessions = {}
+    session = sessions.get(service.name)
+    if session is None:
+        session = requests.Session()
+        # Proxies and credentials come from the services file, not from ~/.netrc or the environment.
+        session.trust_env = False
+        adapter = HTTPAdapter() if service.allow_private_network else GuardedAdapter()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.auth = requests_auth(service.auth)
+        session.headers.update({"User-Agent": USER_AGENT, **service.headers})
+        sessions[service.name] = session
+    return session
+
+
+def send(service: ServiceConfig, req: Request, max_bytes: int) -> Response:
+    """Send ``req`` with the service's session and timeout; return whatever status came back.
+
+    Raises :class:`TransientError` for connection failures and timeouts, :class:`PermanentError`
+    for a refused address or a body over ``max_bytes``. Messages name the host, never the URL,
+    which may carry an API key.
+    """
+    host = urlsplit(req.url).hostname
+    t0 = time.perf_counter()
+    try:
+        with session_for(service).request(
+            req.method,
+            req.url,
+            params=req.params or None,
+            json=req.json,
+            headers=req.headers or None,
+            timeout=service.timeout,
+            stream=True,
+        ) as r:
+            declared = int(r.headers.get("content-length") or 0)
+            if declared > max_bytes:
+                raise PermanentError(f"response from {host} is larger than {max_bytes} bytes")
+            chunks, size = [], 0
+            for chunk in r.iter_content(65536):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PermanentError(f"response from {host} is larger than {max_bytes} bytes")
+                chunks.append(chunk)
+            body = b"".join(chunks)
+    except CallError:
+        raise
+    except requests.Timeout as e:
+        raise TransientError(f"{host} did not answer within {service.timeout}s") from e
+    except requests.ConnectionError as e:
+        raise TransientError(f"connection to {host} failed ({_cause(e)})") from e
+    except requests.RequestException as e:
+        raise PermanentError(f"request to {host} failed ({type(e).__name__})") from e
+    latency_ms = (time.perf_counter() - t0) * 1000
+    return Response(r.status_code, r.reason or "", dict(r.headers.lower_items()), body, latency_ms)
+
+
+def classify(resp: Response, retry_after_max: float) -> CallError | None:
+    """The error an HTTP response stands for, or ``None`` for 2xx.
+
+    408 and 5xx are transient; 429 and 503 are :class:`RateLimited` with the server's
+    ``Retry-After`` (capped at ``retry_after_max``); every other status is permanent.
+    """
+    code = resp.status_code
+    if 200 <= code < 300:
+        return None
+    what = f"HTTP {code} {resp.reason}".strip()
+    if code in (429, 503):
+        delay = parse_retry_after(resp.headers.get("retry-after"))
+        if delay is not None:
+            delay = min(delay, retry_after_max)
+        return RateLimited(what, status_code=code, retry_after=delay)
+    if code == 408 or code >= 500:
+        return TransientError(what, status_code=code)
+    return PermanentError(what, status_code=code)
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP-date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - (now or dt.datetime.now(dt.UTC))).total_seconds())
+
+
+def _cause(e: BaseException) -> str:
+    """A short, URL-free reason for a connection failure."""
+    text = repr(e)
+    for needle, reason in (
+        ("Connection refused", "connection refused"),
+        ("RemoteDisconnected", "connection dropped"),
+        ("Connection aborted", "connection dropped"),
+        ("Connection reset", "connection reset"),
+        ("Name or service not known", "name not resolved"),
+        ("SSL", "TLS error"),
+    ):
+        if needle in text:
+            return reason
+    return type(e).__name__

@@ -1,0 +1,279 @@
+"""Every read and write of the job ledger. Hot-path writes are single Core statements."""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from integrations.ledger.db import get_engine
+from integrations.ledger.models import TERMINAL, Job, JobAttempt, JobStatus, utcnow
+
+jobs = Job.__table__
+attempts = JobAttempt.__table__
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker needs to run one attempt of a job it has claimed."""
+
+    job_id: str
+    service: str
+    operation: str
+    params: dict[str, Any]
+    attempt: int
+
+
+def create_job(
+    service: str, operation: str, params: dict[str, Any], idempotency_key: str | None
+) -> tuple[str, bool]:
+    """Insert a queued job; return ``(job_id, created)``.
+
+    With an ``idempotency_key`` already used for this service, nothing is inserted and the
+    existing job's id is returned with ``created=False``.
+    """
+    job_id = str(uuid.uuid4())
+    now = utcnow()
+    row = {
+        "id": job_id,
+        "service": service,
+        "operation": operation,
+        "params": params,
+        "idempotency_key": idempotency_key,
+        "status": JobStatus.QUEUED,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+    engine = get_engine()
+    if idempotency_key is not None:
+        existing = _find_by_key(service, idempotency_key)
+        if existing is not None:
+            return existing, False
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(jobs), row)
+    except IntegrityError:
+        # Another submitter won the race for the same key between our look-up and insert.
+        existing = _find_by_key(service, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return existing, False
+    return job_id, True
+
+
+def _find_by_key(service: str, key: str) -> str | None:
+    with get_engine().connect() as conn:
+        return conn.execute(
+            select(jobs.c.id).where(jobs.c.service == service, jobs.c.idempotency_key == key)
+        ).scalar_one_or_none()
+
+
+def fail_unqueued(job_id: str, error: str) -> None:
+    """Settle a job whose message never reached the broker, so it is not left queued forever."""
+    now = utcnow()
+    with get_engine().begin() as conn:
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED)
+            .values(status=JobStatus.FAILED, error=error, finished_at=now, updated_at=now)
+        )
+
+
+def claim(job_id: str) -> Claim | None:
+    """Atomically move a queued or retrying job to running and count the attempt.
+
+    Returns ``None`` when the job is already running or finished, so a redelivered message
+    never runs the same job twice at once.
+    """
+    now = utcnow()
+    stmt = (
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.status.in_((JobStatus.QUEUED, JobStatus.RETRYING)))
+        .values(
+            status=JobStatus.RUNNING,
+            attempts=jobs.c.attempts + 1,
+            started_at=func.coalesce(jobs.c.started_at, now),
+            next_attempt_at=None,
+            updated_at=now,
+        )
+        .returning(jobs.c.service, jobs.c.operation, jobs.c.params, jobs.c.attempts)
+    )
+    with get_engine().begin() as conn:
+        row = conn.execute(stmt).first()
+    if row is None:
+        return None
+    return Claim(job_id, row.service, row.operation, row.params, row.attempts)
+
+
+def record_attempt(
+    claim: Claim,
+    *,
+    status: JobStatus,
+    started_at: dt.datetime,
+    status_code: int | None,
+    latency_ms: float | None,
+    error: str | None,
+    response_excerpt: str | None,
+    next_attempt_at: dt.datetime | None = None,
+) -> None:
+    """Store one attempt and move the job to ``status``, in one transaction."""
+    now = utcnow()
+    job_values: dict[str, Any] = {
+        "status": status,
+        "status_code": status_code,
+        "latency_ms": latency_ms,
+        "error": error,
+        "response_excerpt": response_excerpt,
+        "updated_at": now,
+        "next_attempt_at": next_attempt_at,
+    }
+    if status in TERMINAL:
+        job_values["finished_at"] = now
+    with get_engine().begin() as conn:
+        conn.execute(
+            insert(attempts),
+            {
+                "job_id": claim.job_id,
+                "number": claim.attempt,
+                "outcome": status,
+                "status_code": status_code,
+                "latency_ms": latency_ms,
+                "error": error,
+                "response_excerpt": response_excerpt,
+                "started_at": started_at,
+                "finished_at": now,
+            },
+        )
+        conn.execute(update(jobs).where(jobs.c.id == claim.job_id).values(**job_values))
+
+
+# --------------------------------------------------------------------------------------------
+# Reads (CLI, library)
+# --------------------------------------------------------------------------------------------
+
+_SUMMARY = (
+    jobs.c.id,
+    jobs.c.service,
+    jobs.c.operation,
+    jobs.c.status,
+    jobs.c.attempts,
+    jobs.c.status_code,
+    jobs.c.latency_ms,
+    jobs.c.error,
+    jobs.c.created_at,
+    jobs.c.finished_at,
+)
+
+
+def get_job(job_id: str, with_attempts: bool = False) -> dict[str, Any] | None:
+    """The whole job row (and its attempts, oldest first), or ``None``."""
+    with get_engine().connect() as conn:
+        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        if row is None:
+            return None
+        job = dict(row)
+        if with_attempts:
+            job["attempts_log"] = [
+                dict(a)
+                for a in conn.execute(
+                    select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.number)
+                ).mappings()
+            ]
+    return job
+
+
+def list_jobs(
+    status: str | None = None, service: str | None = None, limit: int = 20
+) -> list[dict[str, Any]]:
+    """The newest jobs first, optionally of one status and one service."""
+    q = select(*_SUMMARY).order_by(jobs.c.created_at.desc()).limit(limit)
+    if status:
+        q = q.where(jobs.c.status == status)
+    if service:
+        q = q.where(jobs.c.service == service)
+    with get_engine().connect() as conn:
+        return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def stats() -> list[dict[str, Any]]:
+    """Per service and operation: jobs, finished, success rate, p50 and p95 latency (ms)."""
+    q = select(jobs.c.service, jobs.c.operation, jobs.c.status, jobs.c.latency_ms).order_by(
+        jobs.c.service, jobs.c.operation
+    )
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    with get_engine().connect() as conn:
+        for service, operation, status, latency in conn.execute(q):
+            g = groups.setdefault(
+                (service, operation), {"count": 0, "succeeded": 0, "failed": 0, "latencies": []}
+            )
+            g["count"] += 1
+            if status == JobStatus.SUCCEEDED:
+                g["succeeded"] += 1
+            elif status == JobStatus.FAILED:
+                g["failed"] += 1
+            if latency is not None and status in TERMINAL:
+                g["latencies"].append(latency)
+    out = []
+    for (service, operation), g in groups.items():
+        finished = g["succeeded"] + g["failed"]
+        lat = sorted(g.pop("latencies"))
+        out.append(
+            {
+                "service": service,
+                "operation": operation,
+                **g,
+                "success_rate": g["succeeded"] / finished if finished else None,
+                "p50_ms": _percentile(lat, 50),
+                "p95_ms": _percentile(lat, 95),
+            }
+        )
+    return out
+
+
+def _percentile(sorted_values: list[float], p: int) -> float | None:
+    if not sorted_values:
+        return None
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    return statistics.quantiles(sorted_values, n=100, method="inclusive")[p - 1]
+
+
+def stuck_jobs(now: dt.datetime, queued_before: dt.datetime, running_before: dt.datetime,
+               limit: int = 500) -> list[tuple[str, str]]:
+    """``(job_id, service)`` of jobs whose message is presumed lost, after resetting them to retrying.
+
+    Queued since before ``queued_before`` (lost message), or running/retrying untouched since
+    before ``running_before`` (worker killed, broker emptied). The reset is a conditional update,
+    so two sweepers never both take the same job.
+    """
+    found: list[tuple[str, str]] = []
+    with get_engine().begin() as conn:
+        rows = conn.execute(
+            select(jobs.c.id, jobs.c.service, jobs.c.status, jobs.c.updated_at)
+            .where(
+                ((jobs.c.status == JobStatus.QUEUED) & (jobs.c.created_at < queued_before))
+                | (
+                    jobs.c.status.in_((JobStatus.RUNNING, JobStatus.RETRYING))
+                    & (jobs.c.updated_at < running_before)
+                )
+            )
+            .limit(limit)
+        ).all()
+        for job_id, service, status, updated_at in rows:
+            res = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status == status, jobs.c.updated_at == updated_at)
+                .values(
+                    status=JobStatus.RETRYING if status != JobStatus.QUEUED else JobStatus.QUEUED,
+                    updated_at=now,
+                )
+            )
+            if res.rowcount == 1:
+                found.append((job_id, service))
+    return found

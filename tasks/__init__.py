@@ -1,0 +1,7 @@
+"""The Celery app (``celery -A tasks worker``) and its tasks, one module per kind of work."""
+
+from tasks.calls import call_service
+from tasks.celeryapp import app
+from tasks.maintenance import requeue_stuck_jobs
+
+__all__ = ["app", "call_service", "requeue_stuck_jobs"]

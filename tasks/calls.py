@@ -1,0 +1,157 @@
+"""Service calls: ``call_service`` accepts a job; one task per service runs it by id.
+
+The per-service tasks (``integrations.call.<service>``) carry the service's retry policy as
+Celery's own options (``autoretry_for``, ``retry_backoff``, ``retry_backoff_max``,
+``retry_jitter``, ``max_retries``) and its rate limit as a task annotation, so every policy
+is data on a task and Celery does the retrying.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.result import AsyncResult
+from celery.utils.log import get_task_logger
+
+from integrations import jobs
+from integrations.config import ServiceConfig, get_services, get_settings
+from integrations.errors import CallError, PermanentError, RateLimited, TransientError
+from integrations.ledger import jobs as ledger
+from integrations.ledger.models import JobStatus, utcnow
+from tasks.celeryapp import app
+from tasks.celeryapp import call_task_name as task_name
+
+log = get_task_logger(__name__)
+
+
+def _publish(service: str, job_id: str) -> None:
+    # The message carries the job id only: parameters and secrets stay in the ledger.
+    app.tasks[task_name(service)].apply_async((job_id,), task_id=job_id)
+
+
+class CallService(Task):  # type: ignore[misc]
+    """``call_service.delay(service, operation, params, idempotency_key=None)``.
+
+    Validates in the caller (unknown service, operation or params raise and nothing is written
+    or queued), writes the job row, then publishes its id to the service's task. The returned
+    ``AsyncResult`` has the job id as its id; ``.get()`` gives ``{job_id, status, status_code,
+    data, ...}`` or raises the job's final error. A reused idempotency key returns the existing
+    job's result and calls nothing upstream.
+    """
+
+    name = "integrations.call_service"
+    typing = False
+
+    def apply_async(
+        self, args: Any = None, kwargs: Any = None, **options: Any
+    ) -> AsyncResult:
+        service, operation, params, key = _call_args(*(args or ()), **(kwargs or {}))
+        job_id, _ = jobs.enqueue(service, operation, params, key, _publish)
+        return self.AsyncResult(job_id)
+
+    def run(
+        self,
+        service: str,
+        operation: str,
+        params: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Called in-process (``call_service(...)``): accept the job and run it here."""
+        job_id, created = jobs.enqueue(service, operation, params, idempotency_key, lambda s, j: None)
+        return app.tasks[task_name(service)].apply((job_id,), task_id=job_id).get()
+
+
+def _call_args(
+    service: str,
+    operation: str,
+    params: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[str, str, dict[str, Any] | None, str | None]:
+    return service, operation, params, idempotency_key
+
+
+call_service: CallService = app.register_task(CallService())
+
+
+def run_job(self: Task, job_id: str) -> dict[str, Any]:
+    """Run one attempt of job ``job_id``; record it; succeed, retry or fail."""
+    claim = ledger.claim(job_id)
+    if claim is None:
+        # Already running elsewhere, or finished: a redelivered message. Store no result, so
+        # the job's real result is not overwritten.
+        log.info("job %s is not queued; duplicate delivery ignored", job_id)
+        raise Ignore()
+    started = utcnow()
+    excerpt_max = get_settings().ledger_body_max_bytes
+    try:
+        resp = jobs.perform(claim)
+    except SoftTimeLimitExceeded as e:
+        err: CallError = TransientError("the call ran past the task's time limit")
+        err.__cause__ = e
+    except CallError as e:
+        err = e
+    except Exception as e:
+        ledger.record_attempt(
+            claim, status=JobStatus.FAILED, started_at=started, status_code=None,
+            latency_ms=None, error=f"internal error ({type(e).__name__})", response_excerpt=None,
+        )
+        raise
+    else:
+        ledger.record_attempt(
+            claim, status=JobStatus.SUCCEEDED, started_at=started, status_code=resp.status_code,
+            latency_ms=resp.latency_ms, error=None, response_excerpt=resp.excerpt(excerpt_max),
+        )
+        return {
+            "job_id": job_id,
+            "service": claim.service,
+            "operation": claim.operation,
+            "status": JobStatus.SUCCEEDED.value,
+            "status_code": resp.status_code,
+            "attempts": claim.attempt,
+            "latency_ms": round(resp.latency_ms, 3),
+            "data": resp.data(),
+        }
+
+    resp = err.response
+    will_retry = err.retryable and self.request.retries < self.max_retries
+    wait = err.retry_after if isinstance(err, RateLimited) else None
+    ledger.record_attempt(
+        claim,
+        status=JobStatus.RETRYING if will_retry else JobStatus.FAILED,
+        started_at=started,
+        status_code=err.status_code,
+        latency_ms=resp.latency_ms if resp is not None else None,
+        error=str(err),
+        response_excerpt=resp.excerpt(excerpt_max) if resp is not None else None,
+        next_attempt_at=started + dt.timedelta(seconds=wait) if will_retry and wait is not None else None,
+    )
+    if will_retry and wait is not None:
+        # Honour the server's Retry-After instead of our own backoff.
+        raise self.retry(exc=err, countdown=wait)
+    raise err  # autoretry_for retries TransientError with the service's backoff; others fail
+
+
+def register_service_task(svc: ServiceConfig) -> Task:
+    policy = svc.retry
+    return app.task(
+        run_job,
+        name=task_name(svc.name),
+        bind=True,
+        autoretry_for=(TransientError,),
+        dont_autoretry_for=(PermanentError,),
+        retry_backoff=policy.backoff,
+        retry_backoff_max=policy.backoff_max,
+        retry_jitter=policy.jitter,
+        max_retries=policy.max_retries,
+        # Expected outcomes: logged in one line, without a traceback.
+        throws=(CallError,),
+        acks_late=True,
+        reject_on_worker_lost=True,
+    )
+
+
+for _svc in get_services().values():
+    register_service_task(_svc)

@@ -1,0 +1,65 @@
+"""The Celery app: broker, results, reliability options and the beat schedule, all from settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+import beat_schedule
+from integrations.config import ServiceConfig, Settings, get_services, get_settings
+
+
+def broker_options(settings: Settings) -> dict[str, Any]:
+    if settings.broker_url.startswith("filesystem://"):
+        folder = (settings.var_dir / "broker").resolve()
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+        }
+    # A message unacknowledged past the visibility timeout is delivered again; every countdown
+    # we allow (settings.max_countdown) stays well below it.
+    return {"visibility_timeout": settings.visibility_timeout}
+
+
+def call_task_name(service: str) -> str:
+    """The name of the task that runs ``service``'s jobs."""
+    return f"integrations.call.{service}"
+
+
+def make_app(settings: Settings, services: dict[str, ServiceConfig]) -> Celery:
+    app = Celery("agent_integrations", broker=settings.broker_url, backend=settings.results_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_default_queue="integrations",
+        # A job is acknowledged only once it has run; a worker lost mid-call gives it back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
+        broker_transport_options=broker_options(settings),
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_time_limit,
+        result_expires=86400,
+        # Flower builds its task list from events; they carry only task names and job ids.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        beat_schedule=beat_schedule.SCHEDULE,
+        beat_schedule_filename=str(settings.var_dir / "celerybeat-schedule"),
+        # Celery's rate limits hold per worker instance; they are the services' first line.
+        task_annotations={
+            call_task_name(s.name): {"rate_limit": s.rate_limit} for s in services.values() if s.rate_limit
+        },
+    )
+    return app
+
+
+app = make_app(get_settings(), get_services())

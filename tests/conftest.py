@@ -1,0 +1,108 @@
+"""Test set-up: real Redis, real Postgres, a real Celery worker and a real HTTP stub on loopback.
+
+The environment is set before anything imports ``tasks``, because the Celery app and the
+services are built from it at import. A service that is down fails the run loudly: nothing
+here skips.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stub import Stub  # noqa: E402
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+TOKEN = "tok-" + uuid.uuid4().hex  # the secret the stub services use; must never leak
+
+STUB = Stub().start()
+
+os.environ.update(
+    BROKER_URL=REDIS_URL,
+    RESULT_BACKEND=REDIS_URL,
+    DATABASE_URL=DATABASE_URL,
+    SERVICES_FILE=str(ROOT / "tests" / "services.yaml"),
+    STUB_URL=STUB.url,
+    STUB_TOKEN=TOKEN,
+    LEDGER_BODY_MAX_BYTES="512",
+    RESPONSE_MAX_BYTES="65536",
+)
+for _name in ("VAR_DIR", "RESULT_BACKEND_FILE", "DATABASE_URL_FILE", "BROKER_URL_FILE"):
+    os.environ.pop(_name, None)
+
+
+def _require(url: str, what: str) -> None:
+    parts = urlsplit(url.replace("postgresql+psycopg", "postgresql"))
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=3).close()
+    except OSError as e:
+        pytest.exit(f"{what} is not reachable at {parts.hostname}:{parts.port} ({e}); start it first", 3)
+
+
+def _reset_database() -> None:
+    from sqlalchemy import create_engine, text
+
+    from integrations.ledger.migrate import upgrade
+
+    engine = create_engine(DATABASE_URL)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    upgrade(DATABASE_URL)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _require(REDIS_URL, "Redis")
+    _require(DATABASE_URL, "PostgreSQL")
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    _reset_database()
+
+
+@pytest.fixture(scope="session")
+def stub() -> Stub:
+    return STUB
+
+
+@pytest.fixture(scope="session")
+def app() -> Any:
+    from tasks import app
+
+    return app
+
+
+@pytest.fixture(scope="session")
+def worker(app: Any) -> Iterator[Any]:
+    """A real Celery worker consuming the test Redis, in threads of this process."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(
+        app, pool="threads", concurrency=8, perform_ping_check=False, loglevel="WARNING", shutdown_timeout=10
+    ) as w:
+        yield w
+
+
+@pytest.fixture
+def key() -> str:
+    """A fresh stub key, so each test sees only its own requests."""
+    return uuid.uuid4().hex[:12]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,116 @@
+"""A real HTTP server on loopback standing in for upstream APIs, for tests and the benchmark.
+
+``/echo/{key}`` answers what a test programmed for ``key`` (a queue of :class:`Reply`), then
+200 with a JSON echo of the request. Every request is recorded with its arrival time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Any = None
+    delay: float = 0.0
+    drop: bool = False  # close the connection without answering
+
+
+@dataclass
+class Hit:
+    at: float
+    method: str
+    path: str
+    key: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+    client_port: int
+
+
+class Stub(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__((host, port), _Handler)
+        self.lock = threading.Lock()
+        self.plans: dict[str, deque[Reply]] = defaultdict(deque)
+        self.hits: list[Hit] = []
+        self.record = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def plan(self, key: str, *replies: Reply) -> None:
+        with self.lock:
+            self.plans[key].extend(replies)
+
+    def hits_for(self, key: str) -> list[Hit]:
+        with self.lock:
+            return [h for h in self.hits if h.key == key]
+
+    def start(self) -> Stub:
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Stub
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _handle(self) -> None:
+        parts = urlsplit(self.path)
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        segments = parts.path.strip("/").split("/")
+        key = segments[1] if len(segments) > 1 else ""
+        srv = self.server
+        with srv.lock:
+            if srv.record:
+                srv.hits.append(
+                    Hit(time.time(), self.command, parts.path, key, parse_qs(parts.query),
+                        {k.lower(): v for k, v in self.headers.items()}, body, self.client_address[1])
+                )
+            plan = srv.plans.get(key)
+            reply = plan.popleft() if plan else Reply()
+        if reply.delay:
+            time.sleep(reply.delay)
+        if reply.drop:
+            self.close_connection = True
+            return
+        payload = reply.body
+        if payload is None:
+            payload = {"method": self.command, "path": parts.path, "query": parse_qs(parts.query),
+                       "json": json.loads(body) if body else None}
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(reply.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in reply.headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle

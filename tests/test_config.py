@@ -1,0 +1,122 @@
+"""The services file and the settings: valid ones load, broken ones fail naming the field."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from integrations.config import Settings, load_services, load_settings
+from integrations.errors import ConfigError, InvalidParams
+
+SECRET = "s3cr3t-value-never-printed"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "services.yaml"
+    p.write_text(text)
+    return p
+
+
+def load(tmp_path: Path, text: str) -> dict[str, object]:
+    return load_services(write(tmp_path, text), Settings())  # type: ignore[call-arg]
+
+
+GOOD = """
+services:
+  github:
+    base_url: https://api.github.com
+    auth: {type: bearer, token: ${T_GH_TOKEN}}
+    rate_limit: 5000/h
+    retry: {max_retries: 5, backoff: 2, backoff_max: 300, jitter: true}
+    operations:
+      get_repo: {method: GET, path: "/repos/{owner}/{repo}"}
+      create_issue:
+        method: POST
+        path: "/repos/{owner}/{repo}/issues"
+        body: {title: str, body: "str | None"}
+"""
+
+
+def test_the_issue_example_loads_with_typed_operations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("T_GH_TOKEN", SECRET)
+    services = load(tmp_path, GOOD)
+    gh = services["github"]
+    assert gh.auth.token.get_secret_value() == SECRET  # type: ignore[attr-defined]
+    assert SECRET not in repr(gh)
+    op = gh.operations["create_issue"]
+    assert op.path_params == ["owner", "repo"]
+    assert op.validate_params({"owner": "o", "repo": "r", "title": "t"}) == {
+        "owner": "o", "repo": "r", "title": "t"
+    }
+
+
+def test_params_are_checked_by_type_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("T_GH_TOKEN", SECRET)
+    op = load(tmp_path, GOOD)["github"].operations["create_issue"]  # type: ignore[attr-defined]
+    with pytest.raises(InvalidParams, match="title: Field required"):
+        op.validate_params({"owner": "o", "repo": "r"})
+    with pytest.raises(InvalidParams, match="title: Input should be a valid string"):
+        op.validate_params({"owner": "o", "repo": "r", "title": 5})
+    with pytest.raises(InvalidParams, match="labels: Extra inputs are not permitted"):
+        op.validate_params({"owner": "o", "repo": "r", "title": "t", "labels": []})
+
+
+def test_secret_can_come_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "tok").write_text(SECRET + "\n")
+    monkeypatch.delenv("T_GH_TOKEN", raising=False)
+    monkeypatch.setenv("T_GH_TOKEN_FILE", str(tmp_path / "tok"))
+    gh = load(tmp_path, GOOD)["github"]
+    assert gh.auth.token.get_secret_value() == SECRET  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("${T_GH_TOKEN}", "${T_MISSING_VAR}"),
+         "services.github.auth.token: environment variable T_MISSING_VAR is not set"),
+        (("type: bearer", "type: oauth9"), "services.github.auth: Input tag 'oauth9'"),
+        (("5000/h", "5000 per hour"), "services.github.rate_limit: must look like"),
+        (("backoff_max: 300", "backoff_max: 99999"), "services.github.retry.backoff_max"),
+        (("method: GET", "method: FETCH"), "services.github.operations.get_repo.method"),
+        (("https://api.github.com", "ftp://api.github.com"), "services.github.base_url"),
+        (("title: str", "title: string"), "services.github.operations.create_issue: unknown type 'string'"),
+        (("rate_limit", "rate_limits"), "services.github.rate_limits: Extra inputs are not permitted"),
+    ],
+)
+def test_a_broken_file_names_service_and_field_and_hides_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: tuple[str, str], expected: str
+) -> None:
+    monkeypatch.setenv("T_GH_TOKEN", SECRET)
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, GOOD.replace(*change))
+    assert expected in str(e.value)
+    assert SECRET not in str(e.value)
+
+
+def test_unreadable_or_invalid_yaml_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_services(tmp_path / "nope.yaml", Settings())  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load(tmp_path, "services:\n  a: [\n")
+
+
+def test_bad_settings_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_AUTOSCALE_MAX", "many")
+    with pytest.raises(ConfigError, match="worker_autoscale_max"):
+        load_settings()
+
+
+def test_cli_reports_a_broken_services_file_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("5000/h", "lots"))
+    env = {**os.environ, "SERVICES_FILE": str(path), "T_GH_TOKEN": SECRET}
+    out = subprocess.run(
+        [sys.executable, "-m", "integrations.cli", "services"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert "services.github.rate_limit" in out.stderr
+    assert "Traceback" not in out.stderr and SECRET not in out.stderr

@@ -1,0 +1,112 @@
+"""The HTTP choke point against a real loopback server: auth, pooling, timeouts, the SSRF guard."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from conftest import TOKEN
+from integrations import http
+from integrations.config import get_services
+from integrations.errors import PermanentError, RateLimited, TransientError
+from integrations.jobs import resolve
+from integrations.services import build_request
+from stub import Reply, Stub
+
+
+def call(service: str, op: str, params: dict[str, object], max_bytes: int = 65536) -> http.Response:
+    svc, operation = resolve(service, op)
+    return http.send(svc, build_request(svc, operation, params), max_bytes)
+
+
+def test_bearer_token_path_and_query_reach_the_server(stub: Stub, key: str) -> None:
+    resp = call("stub", "echo", {"key": key, "q": "a b/c", "n": 3})
+    assert resp.status_code == 200
+    (hit,) = stub.hits_for(key)
+    assert hit.headers["authorization"] == f"Bearer {TOKEN}"
+    assert hit.query == {"q": ["a b/c"], "n": ["3"]}
+    assert resp.data()["path"] == f"/echo/{key}"
+
+
+def test_path_values_are_quoted_whole(stub: Stub, key: str) -> None:
+    call("stub", "echo", {"key": key + "/../admin"})
+    (hit,) = stub.hits_for(key + "%2F..%2Fadmin")
+    assert hit.path == f"/echo/{key}%2F..%2Fadmin"
+
+
+def test_api_key_in_query_and_basic_auth(stub: Stub, key: str) -> None:
+    call("stub_apikey", "echo", {"key": key})
+    call("stub_basic", "echo", {"key": key})
+    apikey, basic = stub.hits_for(key)
+    assert apikey.query == {"api_key": [TOKEN]}
+    assert "authorization" not in apikey.headers
+    assert basic.headers["authorization"].startswith("Basic ")
+
+
+def test_json_body_is_sent_for_post(stub: Stub, key: str) -> None:
+    resp = call("stub", "create", {"key": key, "title": "hi", "count": 2})
+    assert resp.data()["json"] == {"title": "hi", "count": 2}
+
+
+def test_one_session_keeps_the_connection_alive(stub: Stub, key: str) -> None:
+    for _ in range(3):
+        call("stub", "echo", {"key": key})
+    ports = {h.client_port for h in stub.hits_for(key)}
+    assert len(ports) == 1
+
+
+def test_timeout_and_dropped_connection_are_transient(stub: Stub, key: str) -> None:
+    stub.plan(key, Reply(delay=2.5), Reply(drop=True))
+    with pytest.raises(TransientError, match="did not answer within 2.0s"):
+        call("stub", "echo", {"key": key})
+    with pytest.raises(TransientError, match="connection .*failed"):
+        call("stub", "echo", {"key": key})
+
+
+def test_a_body_over_the_limit_is_refused(stub: Stub, key: str) -> None:
+    stub.plan(key, Reply(body=b"x" * 5000))
+    with pytest.raises(PermanentError, match="larger than 4096 bytes"):
+        call("stub", "echo", {"key": key}, max_bytes=4096)
+
+
+def test_guard_refuses_loopback_private_and_link_local(stub: Stub, key: str) -> None:
+    with pytest.raises(http.BlockedAddress, match="non-public address"):
+        call("guarded", "echo", {"key": key})
+    assert stub.hits_for(key) == []
+    for url in ("http://10.1.2.3/", "http://192.168.0.1/", "http://169.254.169.254/latest", "http://[::1]:80/"):
+        with pytest.raises(http.BlockedAddress):
+            http.check_address(url)
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "kind", "retry_after"),
+    [
+        (200, {}, None, None),
+        (404, {}, PermanentError, None),
+        (408, {}, TransientError, None),
+        (500, {}, TransientError, None),
+        (429, {"retry-after": "7"}, RateLimited, 7.0),
+        (503, {"retry-after": "9999"}, RateLimited, 300.0),
+        (429, {}, RateLimited, None),
+    ],
+)
+def test_classification(status: int, headers: dict[str, str], kind: type | None, retry_after: float | None) -> None:
+    err = http.classify(http.Response(status, "", headers, b"", 1.0), retry_after_max=300)
+    if kind is None:
+        assert err is None
+        return
+    assert type(err) is kind
+    assert getattr(err, "retry_after", None) == retry_after
+    assert err.retryable is (kind is not PermanentError)
+
+
+def test_retry_after_as_http_date() -> None:
+    now = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.UTC)
+    assert http.parse_retry_after("Mon, 23 Nov 2026 12:00:30 GMT", now=now) == 30.0
+    assert http.parse_retry_after("Mon, 23 Nov 2026 11:00:00 GMT", now=now) == 0.0
+    assert http.parse_retry_after("soon", now=now) is None
+
+
+def test_services_file_is_the_test_one() -> None:
+    assert set(get_services()) >= {"stub", "stub_apikey", "stub_basic", "stub_limited", "guarded"}
