@@ -99,7 +99,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for r in rows:
         rate = r["success_rate"]
         r["success"] = "-" if rate is None else f"{rate:.0%}"
-    print(_table(rows, ["service", "operation", "count", "succeeded", "failed", "success", "p50_ms", "p95_ms"]))
+    print(
+        _table(rows, ["service", "operation", "count", "succeeded", "failed", "success", "p50_ms", "p95_ms"])
+    )
     return 0
 
 
@@ -150,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stats", help="per service and operation: count, success rate, p50/p95").set_defaults(
         func=cmd_stats
     )
-    sub.add_parser("services", help="validate the services file and list it").set_defaults(
-        func=cmd_services
-    )
+    sub.add_parser("services", help="validate the services file and list it").set_defaults(func=cmd_services)
     sub.add_parser("migrate", help="apply the ledger's migrations").set_defaults(func=cmd_migrate)
     return p
 
@@ -165,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TimeoutError:
-        print("error: timed out waiting for the result (the job goes on; see 'integrations jobs')", file=sys.stderr)
+        print(
+            "error: timed out waiting for the result (the job goes on; see 'integrations jobs')",
+            file=sys.stderr,
+        )
         return 1
     except Exception as e:  # a broken database or broker: one line, not a traceback
         print(f"error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)

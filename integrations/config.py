@@ -42,7 +42,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
-    broker_url: str = "filesystem://"
+    broker_url: str = "filesystem://localhost/"
     result_backend: str | None = None
     database_url: str = "sqlite:///var/integrations.db"
     services_file: Path = Path("services.yaml")
@@ -83,6 +83,9 @@ class Settings(BaseSettings):
             return self.result_backend
         if self.broker_url.startswith(("redis://", "rediss://")):
             return self.broker_url
+        if self.database_url.startswith("sqlite"):
+            # Its own file: result writes then never wait on the ledger's write lock.
+            return f"db+sqlite:///{self.var_dir / 'results.db'}"
         return "db+" + self.database_url
 
 
@@ -249,8 +252,12 @@ def load_services(path: Path, settings: Settings | None = None) -> dict[str, Ser
         # ${...} is not valid inside a YAML flow mapping ({token: ${X}}); stand a plain word in
         # for each reference while parsing, so values never go through the YAML parser either.
         refs: list[str] = []
-        text = _ENV_REF.sub(lambda m: refs.append(m.group(0)) or f"__ENV_REF_{len(refs) - 1}__", text)
-        raw = _restore_refs(yaml.safe_load(text), refs)
+
+        def placeholder(m: re.Match[str]) -> str:
+            refs.append(m.group(0))
+            return f"__ENV_REF_{len(refs) - 1}__"
+
+        raw = _restore_refs(yaml.safe_load(_ENV_REF.sub(placeholder, text)), refs)
     except OSError as e:
         raise ConfigError(f"services file {path}: cannot read it ({e.strerror})") from None
     except yaml.YAMLError as e:

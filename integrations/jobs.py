@@ -51,7 +51,9 @@ def enqueue(
     job and publishes nothing. When publishing fails the row is settled as failed and
     :class:`SubmitError` is raised, so no job is left queued with no message.
     """
-    if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255):
+    if idempotency_key is not None and not (
+        isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255
+    ):
         raise InvalidParams("idempotency_key must be a string of 1 to 255 characters")
     clean = prepare(service, operation, params)
     job_id, created = ledger.jobs.create_job(service, operation, clean, idempotency_key)

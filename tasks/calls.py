@@ -45,9 +45,7 @@ class CallService(Task):  # type: ignore[misc]
     name = "integrations.call_service"
     typing = False
 
-    def apply_async(
-        self, args: Any = None, kwargs: Any = None, **options: Any
-    ) -> AsyncResult:
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
         service, operation, params, key = _call_args(*(args or ()), **(kwargs or {}))
         job_id, _ = jobs.enqueue(service, operation, params, key, _publish)
         return self.AsyncResult(job_id)
@@ -60,7 +58,7 @@ class CallService(Task):  # type: ignore[misc]
         idempotency_key: str | None = None,
     ) -> Any:
         """Called in-process (``call_service(...)``): accept the job and run it here."""
-        job_id, created = jobs.enqueue(service, operation, params, idempotency_key, lambda s, j: None)
+        job_id, _ = jobs.enqueue(service, operation, params, idempotency_key, lambda s, j: None)
         return app.tasks[task_name(service)].apply((job_id,), task_id=job_id).get()
 
 
@@ -74,6 +72,11 @@ def _call_args(
 
 
 call_service: CallService = app.register_task(CallService())
+
+
+#: Celery puts ``repr(result)`` cut to this length in its log and in the task-succeeded event
+#: that Flower shows. Cut after the status code, so upstream data never gets there.
+_RESULT_REPR_MAX = len(repr({"job_id": "0" * 36, "status": "succeeded", "status_code": 200}))
 
 
 def run_job(self: Task, job_id: str) -> dict[str, Any]:
@@ -95,23 +98,34 @@ def run_job(self: Task, job_id: str) -> dict[str, Any]:
         err = e
     except Exception as e:
         ledger.record_attempt(
-            claim, status=JobStatus.FAILED, started_at=started, status_code=None,
-            latency_ms=None, error=f"internal error ({type(e).__name__})", response_excerpt=None,
+            claim,
+            status=JobStatus.FAILED,
+            started_at=started,
+            status_code=None,
+            latency_ms=None,
+            error=f"internal error ({type(e).__name__})",
+            response_excerpt=None,
         )
         raise
     else:
         ledger.record_attempt(
-            claim, status=JobStatus.SUCCEEDED, started_at=started, status_code=resp.status_code,
-            latency_ms=resp.latency_ms, error=None, response_excerpt=resp.excerpt(excerpt_max),
+            claim,
+            status=JobStatus.SUCCEEDED,
+            started_at=started,
+            status_code=resp.status_code,
+            latency_ms=resp.latency_ms,
+            error=None,
+            response_excerpt=resp.excerpt(excerpt_max),
         )
+        # Key order matters: see _RESULT_REPR_MAX.
         return {
             "job_id": job_id,
-            "service": claim.service,
-            "operation": claim.operation,
             "status": JobStatus.SUCCEEDED.value,
             "status_code": resp.status_code,
             "attempts": claim.attempt,
             "latency_ms": round(resp.latency_ms, 3),
+            "service": claim.service,
+            "operation": claim.operation,
             "data": resp.data(),
         }
 
@@ -148,6 +162,7 @@ def register_service_task(svc: ServiceConfig) -> Task:
         max_retries=policy.max_retries,
         # Expected outcomes: logged in one line, without a traceback.
         throws=(CallError,),
+        resultrepr_maxsize=_RESULT_REPR_MAX,
         acks_late=True,
         reject_on_worker_lost=True,
     )

@@ -51,8 +51,7 @@ class Stub(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self.server_address[1]}"
 
     def plan(self, key: str, *replies: Reply) -> None:
         with self.lock:
@@ -61,6 +60,9 @@ class Stub(ThreadingHTTPServer):
     def hits_for(self, key: str) -> list[Hit]:
         with self.lock:
             return [h for h in self.hits if h.key == key]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that time out or hang up are part of the tests
 
     def start(self) -> Stub:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -89,8 +91,16 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             if srv.record:
                 srv.hits.append(
-                    Hit(time.time(), self.command, parts.path, key, parse_qs(parts.query),
-                        {k.lower(): v for k, v in self.headers.items()}, body, self.client_address[1])
+                    Hit(
+                        time.time(),
+                        self.command,
+                        parts.path,
+                        key,
+                        parse_qs(parts.query),
+                        {k.lower(): v for k, v in self.headers.items()},
+                        body,
+                        self.client_address[1],
+                    )
                 )
             plan = srv.plans.get(key)
             reply = plan.popleft() if plan else Reply()
@@ -101,8 +111,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         payload = reply.body
         if payload is None:
-            payload = {"method": self.command, "path": parts.path, "query": parse_qs(parts.query),
-                       "json": json.loads(body) if body else None}
+            payload = {
+                "method": self.command,
+                "path": parts.path,
+                "query": parse_qs(parts.query),
+                "json": json.loads(body) if body else None,
+            }
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(reply.status)
         self.send_header("Content-Type", "application/json")

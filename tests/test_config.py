@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from integrations.config import Settings, load_services, load_settings
+from integrations.config import BearerAuth, ServiceConfig, Settings, load_services, load_settings
 from integrations.errors import ConfigError, InvalidParams
 
 SECRET = "s3cr3t-value-never-printed"
@@ -21,8 +21,8 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-def load(tmp_path: Path, text: str) -> dict[str, object]:
-    return load_services(write(tmp_path, text), Settings())  # type: ignore[call-arg]
+def load(tmp_path: Path, text: str) -> dict[str, ServiceConfig]:
+    return load_services(write(tmp_path, text), Settings())
 
 
 GOOD = """
@@ -41,22 +41,26 @@ services:
 """
 
 
-def test_the_issue_example_loads_with_typed_operations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_issue_example_loads_with_typed_operations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("T_GH_TOKEN", SECRET)
     services = load(tmp_path, GOOD)
     gh = services["github"]
-    assert gh.auth.token.get_secret_value() == SECRET  # type: ignore[attr-defined]
+    assert isinstance(gh.auth, BearerAuth) and gh.auth.token.get_secret_value() == SECRET
     assert SECRET not in repr(gh)
     op = gh.operations["create_issue"]
     assert op.path_params == ["owner", "repo"]
     assert op.validate_params({"owner": "o", "repo": "r", "title": "t"}) == {
-        "owner": "o", "repo": "r", "title": "t"
+        "owner": "o",
+        "repo": "r",
+        "title": "t",
     }
 
 
 def test_params_are_checked_by_type_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("T_GH_TOKEN", SECRET)
-    op = load(tmp_path, GOOD)["github"].operations["create_issue"]  # type: ignore[attr-defined]
+    op = load(tmp_path, GOOD)["github"].operations["create_issue"]
     with pytest.raises(InvalidParams, match="title: Field required"):
         op.validate_params({"owner": "o", "repo": "r"})
     with pytest.raises(InvalidParams, match="title: Input should be a valid string"):
@@ -70,14 +74,16 @@ def test_secret_can_come_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("T_GH_TOKEN", raising=False)
     monkeypatch.setenv("T_GH_TOKEN_FILE", str(tmp_path / "tok"))
     gh = load(tmp_path, GOOD)["github"]
-    assert gh.auth.token.get_secret_value() == SECRET  # type: ignore[attr-defined]
+    assert isinstance(gh.auth, BearerAuth) and gh.auth.token.get_secret_value() == SECRET
 
 
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (("${T_GH_TOKEN}", "${T_MISSING_VAR}"),
-         "services.github.auth.token: environment variable T_MISSING_VAR is not set"),
+        (
+            ("${T_GH_TOKEN}", "${T_MISSING_VAR}"),
+            "services.github.auth.token: environment variable T_MISSING_VAR is not set",
+        ),
         (("type: bearer", "type: oauth9"), "services.github.auth: Input tag 'oauth9'"),
         (("5000/h", "5000 per hour"), "services.github.rate_limit: must look like"),
         (("backoff_max: 300", "backoff_max: 99999"), "services.github.retry.backoff_max"),
@@ -99,7 +105,7 @@ def test_a_broken_file_names_service_and_field_and_hides_secrets(
 
 def test_unreadable_or_invalid_yaml_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read it"):
-        load_services(tmp_path / "nope.yaml", Settings())  # type: ignore[call-arg]
+        load_services(tmp_path / "nope.yaml", Settings())
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load(tmp_path, "services:\n  a: [\n")
 
@@ -114,7 +120,11 @@ def test_cli_reports_a_broken_services_file_in_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD.replace("5000/h", "lots"))
     env = {**os.environ, "SERVICES_FILE": str(path), "T_GH_TOKEN": SECRET}
     out = subprocess.run(
-        [sys.executable, "-m", "integrations.cli", "services"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "integrations.cli", "services"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0, out.stderr

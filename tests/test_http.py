@@ -5,14 +5,14 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-
 from conftest import TOKEN
+from stub import Reply, Stub
+
 from integrations import http
 from integrations.config import get_services
 from integrations.errors import PermanentError, RateLimited, TransientError
 from integrations.jobs import resolve
 from integrations.services import build_request
-from stub import Reply, Stub
 
 
 def call(service: str, op: str, params: dict[str, object], max_bytes: int = 65536) -> http.Response:
@@ -58,9 +58,9 @@ def test_one_session_keeps_the_connection_alive(stub: Stub, key: str) -> None:
 
 def test_timeout_and_dropped_connection_are_transient(stub: Stub, key: str) -> None:
     stub.plan(key, Reply(delay=2.5), Reply(drop=True))
-    with pytest.raises(TransientError, match="did not answer within 2.0s"):
+    with pytest.raises(TransientError, match=r"did not answer within 2\.0s"):
         call("stub", "echo", {"key": key})
-    with pytest.raises(TransientError, match="connection .*failed"):
+    with pytest.raises(TransientError, match=r"connection .*failed"):
         call("stub", "echo", {"key": key})
 
 
@@ -74,7 +74,12 @@ def test_guard_refuses_loopback_private_and_link_local(stub: Stub, key: str) -> 
     with pytest.raises(http.BlockedAddress, match="non-public address"):
         call("guarded", "echo", {"key": key})
     assert stub.hits_for(key) == []
-    for url in ("http://10.1.2.3/", "http://192.168.0.1/", "http://169.254.169.254/latest", "http://[::1]:80/"):
+    for url in (
+        "http://10.1.2.3/",
+        "http://192.168.0.1/",
+        "http://169.254.169.254/latest",
+        "http://[::1]:80/",
+    ):
         with pytest.raises(http.BlockedAddress):
             http.check_address(url)
 
@@ -91,12 +96,14 @@ def test_guard_refuses_loopback_private_and_link_local(stub: Stub, key: str) -> 
         (429, {}, RateLimited, None),
     ],
 )
-def test_classification(status: int, headers: dict[str, str], kind: type | None, retry_after: float | None) -> None:
+def test_classification(
+    status: int, headers: dict[str, str], kind: type | None, retry_after: float | None
+) -> None:
     err = http.classify(http.Response(status, "", headers, b"", 1.0), retry_after_max=300)
     if kind is None:
         assert err is None
         return
-    assert type(err) is kind
+    assert err is not None and type(err) is kind
     assert getattr(err, "retry_after", None) == retry_after
     assert err.retryable is (kind is not PermanentError)
 

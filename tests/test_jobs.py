@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -9,18 +10,23 @@ from collections.abc import Iterator
 from email.utils import format_datetime
 from typing import Any
 
-import datetime as dt
 import pytest
 from celery.signals import before_task_publish
-from sqlalchemy import func, select
-
 from conftest import TOKEN
+from sqlalchemy import func, select, update
+from stub import Reply, Stub
+
 from integrations import submit
-from integrations.errors import InvalidParams, PermanentError, TransientError, UnknownOperation, UnknownService
+from integrations.errors import (
+    InvalidParams,
+    PermanentError,
+    TransientError,
+    UnknownOperation,
+    UnknownService,
+)
 from integrations.ledger import jobs as ledger
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import Job, JobAttempt
-from stub import Reply, Stub
 from tasks import call_service, requeue_stuck_jobs
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -79,9 +85,17 @@ def test_the_broker_carries_only_the_job_id(published: list[dict[str, Any]], key
     ("args", "error", "message"),
     [
         (("nosuch", "echo", {}), UnknownService, "unknown service 'nosuch' (known: guarded, stub"),
-        (("stub", "nosuch", {}), UnknownOperation, "service 'stub' has no operation 'nosuch' (it has: create, echo)"),
+        (
+            ("stub", "nosuch", {}),
+            UnknownOperation,
+            "service 'stub' has no operation 'nosuch' (it has: create, echo)",
+        ),
         (("stub", "echo", {}), InvalidParams, "stub.echo: key: Field required"),
-        (("stub", "echo", {"key": "k", "n": "five"}), InvalidParams, "stub.echo: n: Input should be a valid integer"),
+        (
+            ("stub", "echo", {"key": "k", "n": "five"}),
+            InvalidParams,
+            "stub.echo: n: Input should be a valid integer",
+        ),
         (("stub", "echo", {"key": "k", "extra": 1}), InvalidParams, "extra: Extra inputs are not permitted"),
         (("stub", "echo", ["key"]), InvalidParams, "params must be a mapping"),
     ],
@@ -130,7 +144,9 @@ def test_5xx_and_dropped_connections_are_retried_with_backoff(stub: Stub, key: s
     assert out["status"] == "succeeded" and out["attempts"] == 3
     log = attempts_of(out["job_id"])
     assert [(a["outcome"], a["status_code"]) for a in log] == [
-        ("retrying", 502), ("retrying", None), ("succeeded", 200)
+        ("retrying", 502),
+        ("retrying", None),
+        ("succeeded", 200),
     ]
     assert "connection" in log[1]["error"]
 
@@ -222,7 +238,7 @@ def test_the_sweeper_requeues_a_job_whose_message_was_lost(stub: Stub, key: str)
     assert created
     with get_engine().begin() as conn:  # as if submitted long ago and its message lost
         conn.execute(
-            ledger.jobs.update()
+            update(ledger.jobs)
             .where(ledger.jobs.c.id == job_id)
             .values(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
         )

@@ -6,16 +6,16 @@ import datetime as dt
 import statistics
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import TERMINAL, Job, JobAttempt, JobStatus, utcnow
 
-jobs = Job.__table__
-attempts = JobAttempt.__table__
+jobs = cast(Table, Job.__table__)
+attempts = cast(Table, JobAttempt.__table__)
 
 
 @dataclass(frozen=True)
@@ -188,9 +188,7 @@ def get_job(job_id: str, with_attempts: bool = False) -> dict[str, Any] | None:
     return job
 
 
-def list_jobs(
-    status: str | None = None, service: str | None = None, limit: int = 20
-) -> list[dict[str, Any]]:
+def list_jobs(status: str | None = None, service: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
     """The newest jobs first, optionally of one status and one service."""
     q = select(*_SUMMARY).order_by(jobs.c.created_at.desc()).limit(limit)
     if status:
@@ -244,8 +242,9 @@ def _percentile(sorted_values: list[float], p: int) -> float | None:
     return statistics.quantiles(sorted_values, n=100, method="inclusive")[p - 1]
 
 
-def stuck_jobs(now: dt.datetime, queued_before: dt.datetime, running_before: dt.datetime,
-               limit: int = 500) -> list[tuple[str, str]]:
+def stuck_jobs(
+    now: dt.datetime, queued_before: dt.datetime, running_before: dt.datetime, limit: int = 500
+) -> list[tuple[str, str]]:
     """``(job_id, service)`` of jobs whose message is presumed lost, after resetting them to retrying.
 
     Queued since before ``queued_before`` (lost message), or running/retrying untouched since

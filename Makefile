@@ -1,0 +1,54 @@
+# Two commands on a fresh machine: `make run` (the service on embedded defaults) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Worker autoscaling range (max,min); the settings' WORKER_AUTOSCALE_MAX/MIN are the defaults.
+AUTOSCALE ?= $${WORKER_AUTOSCALE_MAX:-8},$${WORKER_AUTOSCALE_MIN:-2}
+
+.PHONY: install run worker beat flower migrate test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+migrate: $(STAMP)
+	$(BIN)/integrations migrate
+
+# Worker and beat in one command. Embedded defaults: kombu's filesystem broker and SQLite under
+# ./var; with BROKER_URL=redis://... and DATABASE_URL=postgresql+psycopg://... the real stack.
+run: migrate
+	$(BIN)/integrations services
+	exec $(BIN)/celery -A tasks worker --beat --autoscale=$(AUTOSCALE) --loglevel=INFO \
+	    --schedule=$${VAR_DIR:-var}/celerybeat-schedule
+
+worker: migrate
+	exec $(BIN)/celery -A tasks worker --autoscale=$(AUTOSCALE) --loglevel=INFO
+
+beat: migrate
+	exec $(BIN)/celery -A tasks beat --loglevel=INFO --schedule=$${VAR_DIR:-var}/celerybeat-schedule
+
+# Flower on the real stack, behind basic auth; the password stays in the environment, not argv.
+flower: $(STAMP)
+	@test -n "$$FLOWER_PASSWORD" || { echo "make flower: set FLOWER_PASSWORD (and FLOWER_USER, default admin)" >&2; exit 2; }
+	FLOWER_BASIC_AUTH="$${FLOWER_USER:-admin}:$$FLOWER_PASSWORD" exec $(BIN)/celery -A tasks flower \
+	    --port=$${FLOWER_PORT:-5555} --address=$${FLOWER_ADDRESS:-127.0.0.1}
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy integrations tasks beat_schedule.py tests
+
+bench: $(STAMP)
+	$(BIN)/python tests/bench.py --out bench-results.json
+
+clean:
+	rm -rf $(VENV) var bench-results.json

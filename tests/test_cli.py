@@ -1,0 +1,72 @@
+"""The `integrations` command, run as a user runs it, against the test stack and a real worker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TOKEN
+from procs import cli
+from stub import Reply, Stub
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+def test_call_wait_then_jobs_job_and_stats(stub: Stub, key: str) -> None:
+    out = cli("call", "stub", "echo", f"key={key}", "n=7", "--wait", "--timeout", "30")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["status"] == "succeeded" and result["data"]["query"] == {"n": ["7"]}
+    job_id = result["job_id"]
+
+    listing = cli("jobs", "--service", "stub", "--status", "succeeded", "--limit", "50")
+    assert listing.returncode == 0 and job_id in listing.stdout
+
+    one = cli("job", job_id)
+    assert one.returncode == 0
+    assert "succeeded" in one.stdout and "attempts:" in one.stdout
+    assert TOKEN not in one.stdout
+
+    stats = cli("stats")
+    assert stats.returncode == 0
+    row = next(line for line in stats.stdout.splitlines() if line.startswith("stub ") and " echo " in line)
+    assert "%" in row  # success rate
+
+
+def test_a_failing_job_is_one_line_and_non_zero(stub: Stub, key: str) -> None:
+    stub.plan(key, Reply(status=403))
+    out = cli("call", "stub", "echo", f"key={key}", "--wait", "--timeout", "30")
+    assert out.returncode == 1
+    assert "failed: HTTP 403" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("call", "nosuch", "echo"), "unknown service 'nosuch'"),
+        (("call", "stub", "echo", "key"), "expected key=value"),
+        (("call", "stub", "echo", "key=a", "n=x"), "n: Input should be a valid integer"),
+        (("job", "no-such-id"), "no job with id no-such-id"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args: tuple[str, ...], message: str) -> None:
+    out = cli(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_services_lists_operations() -> None:
+    out = cli("services")
+    assert out.returncode == 0
+    assert "stub (rest," in out.stdout and "echo: GET /echo/{key}" in out.stdout
+    assert TOKEN not in out.stdout
+
+
+def test_an_unreachable_database_is_one_line() -> None:
+    from procs import env_with
+
+    env = env_with(DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none")
+    out = cli("jobs", env=env)
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: OperationalError") and "Traceback" not in out.stderr

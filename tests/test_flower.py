@@ -1,0 +1,52 @@
+"""Flower against the test broker: basic auth required; the job's task shows no params, no secret."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from conftest import TOKEN, free_port
+from procs import BIN, env_with, running, wait_for
+
+from tasks import call_service
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+def test_flower_needs_credentials_and_shows_only_job_ids(tmp_path: Path, key: str) -> None:
+    port = free_port()
+    password = "flower-" + key
+    env = env_with(FLOWER_BASIC_AUTH=f"ops:{password}")
+    cmd = [str(BIN / "celery"), "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"]
+    log = tmp_path / "flower.log"
+    base = f"http://127.0.0.1:{port}"
+    with running(cmd, env, log):
+        wait_for(lambda: requests.get(base + "/healthcheck", timeout=2).ok, 60, "Flower to listen", log)
+        # Flower lists tasks from the events it has seen: submit once it listens.
+        r = call_service.delay("stub", "create", {"key": key, "title": "private-title-" + key})
+        r.get(timeout=20)
+
+        assert requests.get(base + "/api/workers", timeout=10).status_code == 401
+        assert requests.get(base + "/api/tasks", timeout=10).status_code == 401
+        assert requests.get(base + "/api/tasks", auth=("ops", "wrong"), timeout=10).status_code == 401
+
+        workers = requests.get(base + "/api/workers?refresh=1", auth=("ops", password), timeout=20)
+        assert workers.status_code == 200 and workers.json(), workers.text
+
+        def task_seen() -> dict[str, Any] | None:
+            tasks: dict[str, dict[str, Any]] = requests.get(
+                base + "/api/tasks", auth=("ops", password), timeout=10
+            ).json()
+            return tasks.get(r.id)
+
+        task = wait_for(task_seen, 20, "Flower to list the job's task", log)
+        assert task["name"] == "integrations.call.stub"
+        assert r.id in str(task["args"])
+        dump = json.dumps(task) + json.dumps(workers.json())
+        assert "private-title" not in dump and TOKEN not in dump
+    assert password not in log.read_text() and TOKEN not in log.read_text()
+    assert sys.executable  # the venv's interpreter ran Flower

@@ -1,0 +1,87 @@
+"""Whole processes as an operator runs them: `make run` on embedded defaults, an autoscaling worker."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from conftest import DATABASE_URL
+from procs import BIN, cli, env_with, python, running, wait_for
+from stub import Reply, Stub
+
+SUBMIT = """
+import json, sys
+from tasks import call_service
+r = call_service.delay("stub", "echo", {{"key": "{key}"}}, idempotency_key="{key}")
+print(json.dumps(r.get(timeout={timeout})))
+"""
+
+
+def test_make_run_serves_a_job_from_another_process_on_embedded_defaults(
+    tmp_path: Path, stub: Stub, key: str
+) -> None:
+    # Embedded defaults: no BROKER_URL (kombu's filesystem transport) and SQLite, all under VAR_DIR.
+    env = env_with(
+        BROKER_URL=None,
+        RESULT_BACKEND=None,
+        VAR_DIR=tmp_path / "var",
+        DATABASE_URL=f"sqlite:///{tmp_path}/var/integrations.db",
+        WORKER_AUTOSCALE_MAX=2,
+        WORKER_AUTOSCALE_MIN=1,
+    )
+    log = tmp_path / "run.log"
+    with running(["make", "--no-print-directory", "run"], env, log):
+        wait_for(lambda: "ready." in log.read_text(), 90, "`make run` to start its worker", log)
+        out = python(SUBMIT.format(key=key, timeout=60), env, timeout=90)
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = json.loads(out.stdout)
+        assert result["status"] == "succeeded" and result["status_code"] == 200
+        jobs = cli("jobs", env=env)
+        assert result["job_id"] in jobs.stdout and "succeeded" in jobs.stdout
+        assert "beat: Starting" in log.read_text()
+    assert len(stub.hits_for(key)) == 1
+    assert (tmp_path / "var" / "integrations.db").exists()
+
+
+SUBMIT_MANY = """
+from tasks import call_service
+results = [call_service.delay("stub", "echo", {{"key": "{key}"}}) for _ in range({n})]
+print(sum(r.get(timeout={timeout})["status"] == "succeeded" for r in results))
+"""
+
+
+def test_the_worker_pool_grows_under_a_backlog(tmp_path: Path, stub: Stub, key: str) -> None:
+    # Its own Redis database, so the in-process test worker does not take these jobs.
+    broker = "redis://127.0.0.1:6379/14"
+    env = env_with(BROKER_URL=broker, RESULT_BACKEND=broker, DATABASE_URL=DATABASE_URL)
+    control = Celery(broker=broker)
+    with control.connection_for_write() as conn:
+        conn.default_channel.client.flushdb()
+    stub.plan(key, *[Reply(delay=1.5)] * 6)  # under the service timeout (2 s)
+    cmd = [str(BIN / "celery"), "-A", "tasks", "worker", "--autoscale=4,1", "--hostname=scaler@%h"]
+    log = tmp_path / "worker.log"
+
+    def autoscaler() -> dict[str, Any] | None:
+        replies = control.control.inspect(timeout=1.0).stats() or {}
+        return next((r["autoscaler"] for r in replies.values()), None)
+
+    with running(cmd, env, log):
+        before = wait_for(autoscaler, 60, "the worker to answer `inspect stats`", log)
+        assert (before["min"], before["max"], before["current"]) == (1, 4, 1)
+        with running(
+            [sys.executable, "-c", SUBMIT_MANY.format(key=key, n=6, timeout=60)], env, tmp_path / "submit.log"
+        ) as submitter:
+            grown = wait_for(
+                lambda: (a := autoscaler()) and a["current"] > 1 and a,
+                30,
+                "the pool to grow past one process",
+                log,
+            )
+            assert submitter.wait(timeout=60) == 0
+        assert (tmp_path / "submit.log").read_text().strip() == "6"
+    assert grown["current"] <= 4
+    assert len(stub.hits_for(key)) == 6
+    control.close()
