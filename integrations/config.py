@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     #: A job queued this long without being claimed is presumed lost and published again.
     stuck_after: int = Field(900, ge=10)
 
+    #: Task events feed Flower (operators watch the workers there); TASK_EVENTS=false saves
+    #: their cost where nobody watches.
+    task_events: bool = True
+
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
 

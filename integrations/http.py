@@ -151,13 +151,9 @@ def send(service: ServiceConfig, req: Request, max_bytes: int) -> Response:
             declared = int(r.headers.get("content-length") or 0)
             if declared > max_bytes:
                 raise PermanentError(f"response from {host} is larger than {max_bytes} bytes")
-            chunks, size = [], 0
-            for chunk in r.iter_content(65536):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PermanentError(f"response from {host} is larger than {max_bytes} bytes")
-                chunks.append(chunk)
-            body = b"".join(chunks)
+            body = r.raw.read(max_bytes + 1, decode_content=True)
+            if len(body) > max_bytes:
+                raise PermanentError(f"response from {host} is larger than {max_bytes} bytes")
     except CallError:
         raise
     except requests.Timeout as e:

@@ -50,8 +50,8 @@ def make_app(settings: Settings, services: dict[str, ServiceConfig]) -> Celery:
         task_time_limit=settings.task_time_limit,
         result_expires=86400,
         # Flower builds its task list from events; they carry only task names and job ids.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         beat_schedule=beat_schedule.SCHEDULE,
         beat_schedule_filename=str(settings.var_dir / "celerybeat-schedule"),
         # Celery's rate limits hold per worker instance; they are the services' first line.

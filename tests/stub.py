@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections import defaultdict, deque
@@ -77,6 +78,12 @@ class Stub(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: Stub
+
+    def setup(self) -> None:
+        super().setup()
+        # Answer in one segment, like a real server: without this, Nagle's algorithm holds the
+        # body back until the client's delayed ACK (40 ms).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

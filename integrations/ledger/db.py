@@ -16,8 +16,13 @@ _lock = threading.Lock()
 _engine: Engine | None = None
 
 
-def make_engine(url: str) -> Engine:
-    """An engine tuned for the ledger: WAL and a busy timeout on SQLite, a pool on Postgres."""
+def make_engine(url: str, autocommit: bool = False) -> Engine:
+    """An engine tuned for the ledger: WAL and a busy timeout on SQLite, a pool on Postgres.
+
+    ``autocommit`` (Postgres only) commits each statement by itself: one round trip instead of
+    BEGIN, statement, COMMIT. The ledger's hot-path writes are single statements, so they keep
+    their atomicity; migrations use transactions.
+    """
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
@@ -33,7 +38,15 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+    # No pre-ping: it doubles the round trips; a dropped connection is detected on use, thrown
+    # out of the pool, and the write is retried by the caller.
+    return create_engine(
+        url,
+        pool_size=5,
+        max_overflow=10,
+        pool_recycle=1800,
+        isolation_level="AUTOCOMMIT" if autocommit else None,
+    )
 
 
 def get_engine() -> Engine:
@@ -41,7 +54,7 @@ def get_engine() -> Engine:
     if _engine is None:
         with _lock:
             if _engine is None:
-                _engine = make_engine(get_settings().database_url)
+                _engine = make_engine(get_settings().database_url, autocommit=True)
     return _engine
 
 
