@@ -233,6 +233,8 @@ class ServiceConfig(_Strict):
     #: Allow requests to loopback, private and link-local addresses (off: an SSRF guard).
     allow_private_network: bool = False
     headers: dict[str, str] = Field(default_factory=dict)
+    #: A CA bundle to trust instead of the system's (a service behind a private CA).
+    ca_bundle: Path | None = None
     operations: dict[str, Operation] = Field(min_length=1)
 
     @field_validator("rate_limit")
@@ -240,6 +242,13 @@ class ServiceConfig(_Strict):
     def _rate(cls, v: str | None) -> str | None:
         if v is not None and not _RATE_RE.match(v):
             raise ValueError("must look like 10/s, 100/m or 5000/h")
+        return v
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError("no such file")
         return v
 
     @field_validator("base_url")

@@ -124,6 +124,8 @@ def session_for(service: ServiceConfig) -> requests.Session:
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.auth = requests_auth(service.auth)
+        if service.ca_bundle is not None:
+            session.verify = str(service.ca_bundle)
         session.headers.update({"User-Agent": USER_AGENT, **service.headers})
         sessions[service.name] = session
     return session

@@ -1,16 +1,20 @@
 """`make bench`: call_service's throughput against Celery's ceiling and a naive baseline.
 
-All three run in one go on the same Redis, the same Postgres and the same worker (prefork,
-same concurrency, prefetch, acks_late, result backend), against the same loopback stub:
+All run in one go on the same Redis, the same Postgres and the same worker (prefork, same
+concurrency, prefetch, acks_late, events, result backend), against the same loopback upstream:
 
   (a) a no-op task                       -> Celery's ceiling on this machine
   (b) requests.get + one ORM insert      -> the naive baseline
   (c) call_service end to end            -> ours, ledger rows written
 
+(b) and (c) run against the upstream over plain HTTP and over HTTPS (a self-signed
+certificate made for the run), since real upstreams speak TLS.
+
 Throughput is the worker draining a pre-filled queue: consumption is paused, N messages are
-published, consumption resumes and the clock runs until the Nth result is stored. The submit
-rate is delay() from this one process while the queue fills. Latency is submit to succeeded
-(ledger timestamps) at about 20 jobs/s.
+published, consumption resumes and the clock runs until the Nth result is stored. Each kind
+runs BENCH_ROUNDS times, interleaved, and the median counts. The submit rate is delay() from
+this one process while the queue fills. Latency is submit to succeeded (ledger timestamps) at
+about 20 jobs/s.
 """
 
 from __future__ import annotations
@@ -22,20 +26,20 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-
 
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 PG = os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/bench")
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "8"))
-POOL = os.environ.get("BENCH_POOL", "prefork")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 QUEUE = "integrations"
 
 
@@ -45,16 +49,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-STUB_PORT = free_port()
-STUB_URL = f"http://127.0.0.1:{STUB_PORT}"
-os.environ.update(
-    BROKER_URL=REDIS,
-    RESULT_BACKEND=REDIS,
-    DATABASE_URL=PG,
-    SERVICES_FILE=str(HERE / "services.yaml"),
-    STUB_URL=STUB_URL,
-    STUB_TOKEN="bench-token",
-)
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+def start_upstream(port: int, *tls: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, str(HERE / "fast_stub.py"), str(port), *map(str, tls)],
+                            stdout=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    return proc
 
 
 def prepare_database() -> None:
@@ -73,38 +83,26 @@ def prepare_database() -> None:
     bench_tasks.Base.metadata.create_all(bench_tasks.engine)
 
 
-def redis_client() -> Any:
-    import redis
-
-    return redis.Redis.from_url(REDIS)
-
-
 def results_stored(r: Any) -> int:
     return sum(1 for _ in r.scan_iter("celery-task-meta-*", count=5000))
 
 
-def wait_results(r: Any, n: int, timeout: float) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if results_stored(r) >= n:
-            return time.perf_counter()
-        time.sleep(0.1)
-    raise SystemExit(f"bench: only {results_stored(r)} of {n} results after {timeout}s")
-
-
-def drain(app: Any, r: Any, label: str, n: int, publish: Any) -> dict[str, float]:
-    """Pause consumption, publish ``n`` messages, resume, time until ``n`` results are stored."""
-    r.delete(*r.keys("celery-task-meta-*") or ["none"])
+def drain(app: Any, r: Any, n: int, publish: Callable[[int], object]) -> tuple[float, float]:
+    """Pause consumption, publish ``n`` messages, resume; return (jobs/s drained, submits/s)."""
+    for keys in iter(lambda: list(r.scan_iter("celery-task-meta-*", count=5000)), []):
+        r.delete(*keys)
     app.control.cancel_consumer(QUEUE, reply=True, timeout=5)
     t0 = time.perf_counter()
     publish(n)
-    submit_s = time.perf_counter() - t0
+    submit_rate = n / (time.perf_counter() - t0)
     start = time.perf_counter()
     app.control.add_consumer(QUEUE, reply=True, timeout=5)
-    end = wait_results(r, n, timeout=600)
-    rate = n / (end - start)
-    print(f"  {label:<34} {rate:8.0f} jobs/s   (submitted at {n / submit_s:6.0f}/s)", flush=True)
-    return {"throughput": rate, "submit_rate": n / submit_s}
+    deadline = time.monotonic() + 600
+    while results_stored(r) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: only {results_stored(r)} of {n} results after 600 s")
+        time.sleep(0.1)
+    return n / (time.perf_counter() - start), submit_rate
 
 
 def latency(n: int, per_second: float) -> dict[str, float]:
@@ -115,118 +113,110 @@ def latency(n: int, per_second: float) -> dict[str, float]:
     t0 = time.perf_counter()
     for i in range(n):
         ids.append(call_service.delay("stub", "echo", {"key": "lat"}).id)
-        sleep = t0 + (i + 1) / per_second - time.perf_counter()
-        if sleep > 0:
-            time.sleep(sleep)
+        pause = t0 + (i + 1) / per_second - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
     deadline = time.monotonic() + 60
     lat = []
     for job_id in ids:
-        while True:
-            job = ledger.get_job(job_id)
-            if job and job["finished_at"]:
-                break
+        while not ((job := ledger.get_job(job_id)) and job["finished_at"]):
             if time.monotonic() > deadline:
                 raise SystemExit("bench: latency jobs did not finish in 60 s")
             time.sleep(0.01)
         lat.append((job["finished_at"] - job["created_at"]).total_seconds() * 1000)
-    lat.sort()
     q = statistics.quantiles(lat, n=100, method="inclusive")
-    print(f"  submit-to-succeeded at {per_second:.0f}/s: p50 {q[49]:.1f} ms, p99 {q[98]:.1f} ms", flush=True)
-    return {"p50_ms": q[49], "p99_ms": q[98], "rate": per_second, "jobs": n}
+    return {"p50_ms": round(q[49], 2), "p99_ms": round(q[98], 2), "rate_per_s": per_second, "jobs": n}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-results.json")
-    ap.add_argument("-n", type=int, default=int(os.environ.get("BENCH_N", "3000")))
+    ap.add_argument("-n", type=int, default=int(os.environ.get("BENCH_N", "2000")))
     args = ap.parse_args()
+    n = args.n
 
-    stub = subprocess.Popen(
-        [sys.executable, str(HERE / "fast_stub.py"), str(STUB_PORT)], stdout=subprocess.PIPE
-    )
-    assert stub.stdout is not None and stub.stdout.readline().strip() == b"ready"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    cert, key = make_certificate(tmp)
+    http_port, https_port = free_port(), free_port()
+    http_url, https_url = f"http://127.0.0.1:{http_port}", f"https://127.0.0.1:{https_port}"
+    os.environ.update(
+        BROKER_URL=REDIS, RESULT_BACKEND=REDIS, DATABASE_URL=PG,
+        SERVICES_FILE=str(HERE / "bench_services.yaml"),
+        STUB_URL=http_url, STUB_TLS_URL=https_url, STUB_CA=str(cert), STUB_TOKEN="bench-token",
+    )  # fmt: skip
+    sys.path.insert(0, str(HERE))
+    upstreams = [start_upstream(http_port), start_upstream(https_port, cert, key)]
     prepare_database()
-    r = redis_client()
+    import redis
+
+    r = redis.Redis.from_url(REDIS)
     r.flushdb()
 
     from tasks import app, call_service
 
     env = {**os.environ, "PYTHONPATH": str(HERE)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tasks",
-        "worker",
-        "-I",
-        "bench_tasks",
-        "-c",
-        str(CONCURRENCY),
-        f"--pool={POOL}",
-        "--loglevel=WARNING",
-        "--without-gossip",
-        "--without-mingle",
-        "-n",
-        "bench@%h",
-    ]
-    worker = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
+    cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-I", "bench_tasks", "-c", str(CONCURRENCY),
+           "--pool=prefork", "--loglevel=WARNING", "--without-gossip", "--without-mingle", "-n", "bench@%h"]  # fmt: skip
+    worker_log = (tmp / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, start_new_session=True, stdout=worker_log, stderr=worker_log
+    )
+    noop, naive = app.tasks["bench.noop"], app.tasks["bench.naive"]
+    kinds: dict[str, Callable[[int], object]] = {
+        "a_noop": lambda k: [noop.delay() for _ in range(k)],
+        "b_naive_http": lambda k: [naive.delay(http_url + "/echo/n") for _ in range(k)],
+        "c_call_service_http": lambda k: [call_service.delay("stub", "echo", {"key": "b"}) for _ in range(k)],
+        "b_naive_https": lambda k: [naive.delay(https_url + "/echo/n", str(cert)) for _ in range(k)],
+        "c_call_service_https": lambda k: [
+            call_service.delay("stub_tls", "echo", {"key": "b"}) for _ in range(k)
+        ],
+    }
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    submits: dict[str, list[float]] = {k: [] for k in kinds}
     try:
         deadline = time.monotonic() + 60
         while not app.control.ping(timeout=1):
             if time.monotonic() > deadline:
-                raise SystemExit("bench: worker did not start")
-        n = args.n
-        url = STUB_URL + "/echo/naive"
-        print(f"bench: {n} jobs per run, prefork concurrency {CONCURRENCY}, Redis + Postgres on loopback")
-        # A warm-up of each kind, so connections and pools exist before the clock runs.
-        drain(
-            app,
-            r,
-            "warm-up",
-            200,
-            lambda k: [call_service.delay("stub", "echo", {"key": "w"}) for _ in range(k)],
-        )
-        noop = drain(
-            app, r, "(a) no-op task", n, lambda k: [app.tasks["bench.noop"].delay() for _ in range(k)]
-        )
-        naive = drain(
-            app,
-            r,
-            "(b) naive requests + ORM insert",
-            n,
-            lambda k: [app.tasks["bench.naive"].delay(url) for _ in range(k)],
-        )
-        ours = drain(
-            app,
-            r,
-            "(c) call_service (ledger)",
-            n,
-            lambda k: [call_service.delay("stub", "echo", {"key": "b"}) for _ in range(k)],
-        )
+                raise SystemExit(f"bench: the worker did not start; see {tmp / 'worker.log'}")
+        print(f"bench: {n} jobs a run, {ROUNDS} rounds, prefork concurrency {CONCURRENCY}, "
+              f"{os.cpu_count()} CPUs, Redis + Postgres + upstream on loopback", flush=True)  # fmt: skip
+        for publish in kinds.values():  # warm-up: pools, connections, prepared statements
+            drain(app, r, 100, publish)
+        for i in range(ROUNDS):
+            for kind, publish in kinds.items():
+                rate, submit = drain(app, r, n, publish)
+                rates[kind].append(rate)
+                submits[kind].append(submit)
+                print(f"  round {i + 1}  {kind:<22} {rate:7.0f} jobs/s", flush=True)
         lat = latency(200, 20.0)
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(timeout=30)
-        stub.terminate()
-        stub.wait(timeout=10)
+        for u in upstreams:
+            u.terminate()
+            u.wait(timeout=10)
 
-    out = {
-        "jobs_per_run": args.n,
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    out: dict[str, Any] = {
+        "jobs_per_run": n,
+        "rounds": ROUNDS,
         "concurrency": CONCURRENCY,
         "cpus": os.cpu_count(),
-        "a_noop_per_s": round(noop["throughput"], 1),
-        "b_naive_per_s": round(naive["throughput"], 1),
-        "c_call_service_per_s": round(ours["throughput"], 1),
-        "c_over_a": round(ours["throughput"] / noop["throughput"], 3),
-        "c_over_b": round(ours["throughput"] / naive["throughput"], 3),
-        "submit_per_s": round(ours["submit_rate"], 1),
-        "latency": {k: round(v, 2) for k, v in lat.items()},
+        "throughput_per_s": {k: round(v, 1) for k, v in med.items()},
+        "runs_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "c_over_a": round(med["c_call_service_http"] / med["a_noop"], 3),
+        "c_over_b_http": round(med["c_call_service_http"] / med["b_naive_http"], 3),
+        "c_over_b_https": round(med["c_call_service_https"] / med["b_naive_https"], 3),
+        "submit_per_s": round(statistics.median(submits["c_call_service_http"]), 1),
+        "latency_at_20_per_s": lat,
     }
-    print(
-        f"c/a = {out['c_over_a']:.2f}   c/b = {out['c_over_b']:.2f}   "
-        f"delay() {out['submit_per_s']:.0f}/s   p50 {lat['p50_ms']:.1f} ms   p99 {lat['p99_ms']:.1f} ms"
-    )
+    print()
+    for k, v in med.items():
+        print(f"  {k:<22} {v:7.0f} jobs/s (median)")
+    print(f"  c/a = {out['c_over_a']:.2f}    c/b = {out['c_over_b_http']:.2f} (HTTP)    "
+          f"c/b = {out['c_over_b_https']:.2f} (HTTPS)")  # fmt: skip
+    print(f"  delay() from one process: {out['submit_per_s']:.0f}/s")
+    print(f"  submit-to-succeeded at 20 jobs/s: p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms")
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"figures written to {args.out}")
 

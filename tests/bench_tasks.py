@@ -36,8 +36,8 @@ def noop() -> None:
 
 
 @app.task(name="bench.naive")
-def naive(url: str) -> dict[str, Any]:
-    r = requests.get(url, timeout=10)
+def naive(url: str, verify: str | bool = True) -> dict[str, Any]:
+    r = requests.get(url, timeout=10, verify=verify)
     with Session(engine) as session:
         session.add(NaiveCall(status=r.status_code, body=r.text[:512]))
         session.commit()

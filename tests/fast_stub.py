@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import sys
 
 BODY = json.dumps({"id": 1, "name": "stub", "ok": True}).encode()
@@ -44,13 +45,18 @@ class Upstream(asyncio.Protocol):
                 return
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Upstream, "127.0.0.1", port, backlog=1024)
+    server = await loop.create_server(Upstream, "127.0.0.1", port, backlog=1024, ssl=tls)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(int(sys.argv[1])))
+    # fast_stub.py PORT [CERT KEY]: with a certificate and key it speaks HTTPS.
+    context = None
+    if len(sys.argv) == 4:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(sys.argv[2], sys.argv[3])
+    asyncio.run(serve(int(sys.argv[1]), context))
