@@ -155,8 +155,11 @@ def main() -> None:
     from tasks import app, call_service
 
     env = {**os.environ, "PYTHONPATH": str(HERE)}
-    cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-I", "bench_tasks", "-c", str(CONCURRENCY),
-           "--pool=prefork", "--loglevel=WARNING", "--without-gossip", "--without-mingle", "-n", "bench@%h"]  # fmt: skip
+    cmd = [
+        *(sys.executable, "-m", "celery", "-A", "tasks", "worker", "-I", "bench_tasks", "-n", "bench@%h"),
+        *(f"--concurrency={CONCURRENCY}", "--pool=prefork", "--loglevel=WARNING"),
+        *("--without-gossip", "--without-mingle"),
+    ]
     worker_log = (tmp / "worker.log").open("wb")
     worker = subprocess.Popen(
         cmd, env=env, cwd=ROOT, start_new_session=True, stdout=worker_log, stderr=worker_log

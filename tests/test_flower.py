@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from conftest import TOKEN, free_port
-from procs import BIN, env_with, running, wait_for
+from procs import ROOT, env_with, running, wait_for
 
 from tasks import call_service
 
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.usefixtures("worker")
 def test_flower_needs_credentials_and_shows_only_job_ids(tmp_path: Path, key: str) -> None:
     port = free_port()
     password = "flower-" + key
-    env = env_with(FLOWER_BASIC_AUTH=f"ops:{password}")
-    cmd = [str(BIN / "celery"), "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"]
+    env = env_with(FLOWER_USER="ops", FLOWER_PASSWORD=password, FLOWER_PORT=port)
+    cmd = ["make", "--no-print-directory", "flower"]
     log = tmp_path / "flower.log"
     base = f"http://127.0.0.1:{port}"
     with running(cmd, env, log):
@@ -49,4 +49,11 @@ def test_flower_needs_credentials_and_shows_only_job_ids(tmp_path: Path, key: st
         dump = json.dumps(task) + json.dumps(workers.json())
         assert "private-title" not in dump and TOKEN not in dump
     assert password not in log.read_text() and TOKEN not in log.read_text()
-    assert sys.executable  # the venv's interpreter ran Flower
+
+
+def test_make_flower_refuses_to_start_without_a_password() -> None:
+    env = env_with(FLOWER_PASSWORD=None)
+    out = subprocess.run(["make", "--no-print-directory", "flower"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode != 0
+    assert "set FLOWER_PASSWORD" in out.stderr
