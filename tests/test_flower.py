@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,25 @@ def test_flower_needs_credentials_and_shows_only_job_ids(tmp_path: Path, key: st
     cmd = ["make", "--no-print-directory", "flower"]
     log = tmp_path / "flower.log"
     base = f"http://127.0.0.1:{port}"
+    auth = ("ops", password)
+
+    def listed(task_id: str) -> dict[str, Any] | None:
+        tasks: dict[str, dict[str, Any]] = requests.get(base + "/api/tasks", auth=auth, timeout=10).json()
+        task = tasks.get(task_id)
+        return task if task and task.get("name") and task.get("state") == "SUCCESS" else None
+
     with running(cmd, env, log):
         wait_for(lambda: requests.get(base + "/healthcheck", timeout=2).ok, 60, "Flower to listen", log)
-        # Flower lists tasks from the events it has seen: submit once it listens.
+
+        # Flower lists tasks from the events it sees once its event receiver runs, which is a
+        # little after it listens: wait until it has seen a whole warm-up job.
+        def warm_up() -> dict[str, Any] | None:
+            job = call_service.delay("stub", "echo", {"key": key})
+            job.get(timeout=20)
+            time.sleep(1.0)
+            return listed(job.id)
+
+        wait_for(warm_up, 40, "Flower to see task events", log)
         r = call_service.delay("stub", "create", {"key": key, "title": "private-title-" + key})
         r.get(timeout=20)
 
@@ -34,16 +51,10 @@ def test_flower_needs_credentials_and_shows_only_job_ids(tmp_path: Path, key: st
         assert requests.get(base + "/api/tasks", timeout=10).status_code == 401
         assert requests.get(base + "/api/tasks", auth=("ops", "wrong"), timeout=10).status_code == 401
 
-        workers = requests.get(base + "/api/workers?refresh=1", auth=("ops", password), timeout=20)
+        workers = requests.get(base + "/api/workers?refresh=1", auth=auth, timeout=20)
         assert workers.status_code == 200 and workers.json(), workers.text
 
-        def task_seen() -> dict[str, Any] | None:
-            tasks: dict[str, dict[str, Any]] = requests.get(
-                base + "/api/tasks", auth=("ops", password), timeout=10
-            ).json()
-            return tasks.get(r.id)
-
-        task = wait_for(task_seen, 20, "Flower to list the job's task", log)
+        task = wait_for(lambda: listed(r.id), 20, "Flower to list the job's task", log)
         assert task["name"] == "integrations.call.stub"
         assert r.id in str(task["args"])
         dump = json.dumps(task) + json.dumps(workers.json())
