@@ -9,6 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 SCHEDULE: dict[str, dict[str, Any]] = {
+    "dispatch-deferred-jobs": {
+        "task": "integrations.dispatch_deferred",
+        "schedule": 2.0,
+        "options": {"expires": 2.0},
+    },
     "requeue-stuck-jobs": {
         "task": "integrations.requeue_stuck_jobs",
         "schedule": 60.0,

@@ -10,6 +10,7 @@ import functools
 import os
 import re
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -67,6 +68,13 @@ class Settings(BaseSettings):
     #: their cost where nobody watches.
     task_events: bool = True
 
+    #: The Redis that workers share for global rate limits, pauses and breakers. Defaults to
+    #: a Redis broker; empty on the embedded defaults (then there is nothing to share).
+    coordination_url: str | None = None
+    #: A deferral (rate limit, open breaker, pause) up to this long is a broker countdown;
+    #: a longer one is parked in the ledger and re-queued by beat's dispatcher.
+    defer_countdown_max: int = Field(30, ge=1)
+
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
 
@@ -78,6 +86,10 @@ class Settings(BaseSettings):
             raise ValueError("TASK_SOFT_TIME_LIMIT must be below TASK_TIME_LIMIT")
         if self.max_countdown * 2 > self.visibility_timeout:
             raise ValueError("MAX_COUNTDOWN must be at most half of VISIBILITY_TIMEOUT")
+        if self.defer_countdown_max > self.max_countdown:
+            raise ValueError("DEFER_COUNTDOWN_MAX must be at most MAX_COUNTDOWN")
+        if self.coordination_url is None and self.broker_url.startswith(("redis://", "rediss://")):
+            self.coordination_url = self.broker_url
         return self
 
     @property
@@ -170,6 +182,19 @@ class RetryPolicy(_Strict):
     retry_after_max: int = Field(300, ge=1)
 
 
+class Breaker(_Strict):
+    """Open after ``threshold`` consecutive failures; probe again after ``reset_timeout`` s."""
+
+    threshold: int = Field(5, ge=1, le=1000)
+    reset_timeout: float = Field(30, gt=0, le=3600)
+
+
+@dataclass(frozen=True)
+class Rate:
+    per_second: float
+    burst: int
+
+
 def _parse_type(spec: str) -> tuple[Any, bool]:
     """``"str | None"`` -> ``(str, optional=True)``."""
     parts = [p.strip() for p in spec.split("|")]
@@ -228,8 +253,13 @@ class ServiceConfig(_Strict):
     base_url: str = Field(pattern=r"^https?://[^/]+")
     auth: Auth = NoAuth()
     timeout: float = Field(10, gt=0, le=300)
+    #: Calls per second, minute or hour ("20/s", "5000/h"): a global limit shared by every
+    #: worker through Redis, and Celery's per-worker rate_limit annotation.
     rate_limit: str | None = None
+    #: Calls that may go at once before the rate applies.
+    burst: int = Field(1, ge=1, le=10000)
     retry: RetryPolicy = RetryPolicy()
+    breaker: Breaker | None = Breaker()
     #: Allow requests to loopback, private and link-local addresses (off: an SSRF guard).
     allow_private_network: bool = False
     headers: dict[str, str] = Field(default_factory=dict)
@@ -243,6 +273,13 @@ class ServiceConfig(_Strict):
         if v is not None and not _RATE_RE.match(v):
             raise ValueError("must look like 10/s, 100/m or 5000/h")
         return v
+
+    @property
+    def global_limit(self) -> Rate | None:
+        if self.rate_limit is None:
+            return None
+        count, unit = self.rate_limit.split("/")
+        return Rate(float(count) / {"s": 1, "m": 60, "h": 3600}[unit], self.burst)
 
     @field_validator("ca_bundle")
     @classmethod

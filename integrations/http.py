@@ -188,6 +188,19 @@ def classify(resp: Response, retry_after_max: float) -> CallError | None:
     return PermanentError(what, status_code=code)
 
 
+def budget_spent_for(resp: Response, now: float | None = None) -> float | None:
+    """Seconds until the upstream's rate-limit window resets, when its headers say the budget is
+    spent (``x-ratelimit-remaining: 0`` with ``x-ratelimit-reset`` in epoch seconds, as GitHub
+    sends: https://docs.github.com/en/rest/using-the-rest-api/rate-limits-for-the-rest-api)."""
+    h = resp.headers
+    if h.get("x-ratelimit-remaining", "").strip() != "0":
+        return None
+    reset = h.get("x-ratelimit-reset", "").strip()
+    if not reset.isdigit():
+        return None
+    return max(0.0, int(reset) - (time.time() if now is None else now))
+
+
 def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP-date (RFC 9110 10.2.3)."""
     if not value:

@@ -16,7 +16,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 from celery.utils.log import get_task_logger
 
-from integrations import jobs
+from integrations import breaker, coordination, http, jobs
 from integrations.config import ServiceConfig, get_services, get_settings
 from integrations.errors import CallError, PermanentError, RateLimited, TransientError
 from integrations.ledger import jobs as ledger
@@ -79,8 +79,14 @@ call_service: CallService = app.register_task(CallService())
 _RESULT_REPR_MAX = len(repr({"job_id": "0" * 36, "status": "succeeded", "status_code": 200}))
 
 
-def run_job(self: Task, job_id: str) -> dict[str, Any]:
-    """Run one attempt of job ``job_id``; record it; succeed, retry or fail."""
+def run_job(self: Task, job_id: str, reserved: bool = False) -> dict[str, Any]:
+    """Run one attempt of job ``job_id``; record it; succeed, retry or fail.
+
+    Before the claim, the service's breaker and its global rate limit may defer the job: that
+    charges no attempt. ``reserved`` says a rate-limit slot was already taken for this run.
+    """
+    svc = get_services()[self.service_name]
+    _gate(self, svc, job_id, reserved)
     claim = ledger.claim(job_id)
     if claim is None:
         # Already running elsewhere, or finished: a redelivered message. Store no result, so
@@ -108,6 +114,7 @@ def run_job(self: Task, job_id: str) -> dict[str, Any]:
         )
         raise
     else:
+        _observe(svc, resp, None)
         ledger.record_attempt(
             claim,
             status=JobStatus.SUCCEEDED,
@@ -130,6 +137,7 @@ def run_job(self: Task, job_id: str) -> dict[str, Any]:
         }
 
     resp = err.response
+    _observe(svc, resp, err)
     will_retry = err.retryable and self.request.retries < self.max_retries
     wait = err.retry_after if isinstance(err, RateLimited) else None
     ledger.record_attempt(
@@ -148,10 +156,62 @@ def run_job(self: Task, job_id: str) -> dict[str, Any]:
     raise err  # autoretry_for retries TransientError with the service's backoff; others fail
 
 
+def _gate(task: Task, svc: ServiceConfig, job_id: str, reserved: bool) -> None:
+    """Defer the job (raising Ignore) while the breaker is open, the service is paused, or
+    the global rate limit has no slot for it now."""
+    gate = breaker.allow(svc)
+    if gate.transition:
+        ledger.record_breaker_event(svc.name, gate.transition, "reset timeout passed: one probe call")
+    if gate.wait > 0:
+        _defer(task, job_id, gate.wait, reserved=False)
+    if reserved:
+        paused = coordination.paused_for(svc.name)
+        if paused > 0:
+            _defer(task, job_id, paused, reserved=False)
+        return
+    decision = coordination.acquire(svc, reserve_up_to=get_settings().defer_countdown_max)
+    if decision.wait > 0:
+        _defer(task, job_id, decision.wait, reserved=decision.reserved)
+
+
+def _defer(task: Task, job_id: str, wait: float, reserved: bool) -> None:
+    """Run the job again in ``wait`` seconds without charging an attempt: a broker countdown
+    when short, else parked in the ledger for beat's dispatcher (a long countdown on Redis
+    would outlive the visibility timeout and be delivered twice)."""
+    settings = get_settings()
+    if wait <= settings.defer_countdown_max:
+        task.apply_async(
+            (job_id,), {"reserved": reserved}, countdown=wait, task_id=job_id, retries=task.request.retries
+        )
+    else:
+        ledger.park(job_id, utcnow() + dt.timedelta(seconds=wait))
+    raise Ignore()
+
+
+def _observe(svc: ServiceConfig, resp: Any, err: CallError | None) -> None:
+    """Feed a call's outcome to the shared state: pauses for every worker and the breaker."""
+    pause = err.retry_after if isinstance(err, RateLimited) else None
+    if resp is not None:
+        spent = http.budget_spent_for(resp)
+        if spent is not None:
+            pause = max(pause or 0.0, min(spent, svc.retry.retry_after_max))
+    if pause:
+        coordination.pause(svc.name, pause)
+    if isinstance(err, (RateLimited, http.BlockedAddress)):
+        return  # says nothing of the upstream's health
+    failed = isinstance(err, TransientError)
+    transition = breaker.record(svc, ok=not failed)
+    if transition == "closed":
+        ledger.record_breaker_event(svc.name, "closed", "a call succeeded")
+    elif transition == "open":
+        ledger.record_breaker_event(svc.name, "open", f"call failed: {err}")
+
+
 def register_service_task(svc: ServiceConfig) -> Task:
     policy = svc.retry
     return app.task(
         run_job,
+        service_name=svc.name,
         name=task_name(svc.name),
         bind=True,
         autoretry_for=(TransientError,),

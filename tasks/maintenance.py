@@ -35,3 +35,13 @@ def requeue_stuck_jobs() -> int:
     if found:
         log.warning("re-queued %d stuck jobs", len(found))
     return len(found)
+
+
+@app.task(name="integrations.dispatch_deferred", ignore_result=True)
+def dispatch_deferred() -> int:
+    """Queue again the jobs parked in the ledger (long rate-limit waits) whose time has come."""
+    due = ledger.due_deferred(utcnow())
+    for job_id, service in due:
+        if call_task_name(service) in app.tasks:
+            app.tasks[call_task_name(service)].apply_async((job_id,), task_id=job_id)
+    return len(due)

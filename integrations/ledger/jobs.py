@@ -12,10 +12,19 @@ from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from integrations.ledger.db import get_engine
-from integrations.ledger.models import TERMINAL, Job, JobAttempt, JobStatus, UTCDateTime, utcnow
+from integrations.ledger.models import (
+    TERMINAL,
+    BreakerEvent,
+    Job,
+    JobAttempt,
+    JobStatus,
+    UTCDateTime,
+    utcnow,
+)
 
 jobs = cast(Table, Job.__table__)
 attempts = cast(Table, JobAttempt.__table__)
+breaker_events = cast(Table, BreakerEvent.__table__)
 
 
 @dataclass(frozen=True)
@@ -30,7 +39,11 @@ class Claim:
 
 
 def create_job(
-    service: str, operation: str, params: dict[str, Any], idempotency_key: str | None
+    service: str,
+    operation: str,
+    params: dict[str, Any],
+    idempotency_key: str | None,
+    replay_of: str | None = None,
 ) -> tuple[str, bool]:
     """Insert a queued job; return ``(job_id, created)``.
 
@@ -45,6 +58,7 @@ def create_job(
         "operation": operation,
         "params": params,
         "idempotency_key": idempotency_key,
+        "replay_of": replay_of,
         "status": JobStatus.QUEUED,
         "attempts": 0,
         "created_at": now,
@@ -300,3 +314,50 @@ def stuck_jobs(
             if res.rowcount == 1:
                 found.append((job_id, service))
     return found
+
+
+def park(job_id: str, until: dt.datetime) -> bool:
+    """Set a queued or retrying job aside until ``until``; beat's dispatcher queues it then."""
+    with get_engine().begin() as conn:
+        res = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status.in_((JobStatus.QUEUED, JobStatus.RETRYING)))
+            .values(status=JobStatus.DEFERRED, next_attempt_at=until, updated_at=utcnow())
+        )
+    return res.rowcount == 1
+
+
+def due_deferred(now: dt.datetime, limit: int = 1000) -> list[tuple[str, str]]:
+    """``(job_id, service)`` of parked jobs whose time has come, moved back to queued."""
+    due: list[tuple[str, str]] = []
+    with get_engine().begin() as conn:
+        rows = conn.execute(
+            select(jobs.c.id, jobs.c.service)
+            .where(jobs.c.status == JobStatus.DEFERRED, jobs.c.next_attempt_at <= now)
+            .order_by(jobs.c.next_attempt_at)
+            .limit(limit)
+        ).all()
+        for job_id, service in rows:
+            res = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status == JobStatus.DEFERRED)
+                .values(status=JobStatus.QUEUED, updated_at=now)
+            )
+            if res.rowcount == 1:
+                due.append((job_id, service))
+    return due
+
+
+def record_breaker_event(service: str, state: str, reason: str) -> None:
+    with get_engine().begin() as conn:
+        conn.execute(
+            insert(breaker_events), {"service": service, "state": state, "reason": reason, "at": utcnow()}
+        )
+
+
+def list_breaker_events(service: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    q = select(breaker_events).order_by(breaker_events.c.at.desc(), breaker_events.c.id.desc()).limit(limit)
+    if service:
+        q = q.where(breaker_events.c.service == service)
+    with get_engine().connect() as conn:
+        return [dict(r) for r in conn.execute(q).mappings()]

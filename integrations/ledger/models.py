@@ -15,6 +15,7 @@ class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
+    DEFERRED = "deferred"  # parked until next_attempt_at; beat's dispatcher queues it again
     SUCCEEDED = "succeeded"
     FAILED = "failed"
 
@@ -53,6 +54,7 @@ class Job(Base):
         Index("uq_jobs_service_idempotency_key", "service", "idempotency_key", unique=True),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_service_operation", "service", "operation"),
+        Index("ix_jobs_status_next_attempt_at", "status", "next_attempt_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -71,6 +73,20 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    replay_of: Mapped[str | None] = mapped_column(String(36))
+
+
+class BreakerEvent(Base):
+    """A circuit breaker's change of state, with its time and reason."""
+
+    __tablename__ = "breaker_events"
+    __table_args__ = (Index("ix_breaker_events_service_at", "service", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    service: Mapped[str] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class JobAttempt(Base):
