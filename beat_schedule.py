@@ -6,6 +6,7 @@ a pile of stale runs when it comes back.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 SCHEDULE: dict[str, dict[str, Any]] = {
@@ -20,3 +21,19 @@ SCHEDULE: dict[str, dict[str, Any]] = {
         "options": {"expires": 55.0},
     },
 }
+
+
+def with_health_checks(intervals: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """``SCHEDULE`` plus one health-check entry per service, from ``{service: interval}``."""
+    return {
+        **SCHEDULE,
+        **{
+            f"health-check-{service}": {
+                "task": "integrations.health_check",
+                "schedule": interval,
+                "args": (service,),
+                "options": {"expires": interval},
+            }
+            for service, interval in sorted(intervals.items())
+        },
+    }

@@ -13,9 +13,22 @@ if TYPE_CHECKING:
 
 
 def submit(
-    service: str, operation: str, params: dict[str, Any] | None = None, idempotency_key: str | None = None
+    service: str,
+    operation: str,
+    params: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    agent: str | None = None,
 ) -> AsyncResult:
-    """Submit a job; the same as ``call_service.delay(service, operation, params, idempotency_key=...)``."""
+    """Submit a job; the same as ``call_service.delay(service, operation, params, ...)``."""
     from tasks import call_service
 
-    return call_service.delay(service, operation, params, idempotency_key=idempotency_key)
+    return call_service.delay(service, operation, params, idempotency_key=idempotency_key, agent=agent)
+
+
+def replay(job_id: str) -> AsyncResult:
+    """Submit failed job ``job_id`` again as a new job linked to it; return the new job's result."""
+    from integrations.jobs import replay as replay_job
+    from tasks import call_service
+    from tasks.calls import publish
+
+    return call_service.AsyncResult(replay_job(job_id, publish))

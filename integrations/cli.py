@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from integrations.errors import IntegrationError
+from integrations.ledger.models import JobStatus
 
 
 def _parse_value(raw: str) -> Any:
@@ -54,7 +55,11 @@ def _table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
 def cmd_call(args: argparse.Namespace) -> int:
     from integrations import submit
 
-    result = submit(args.service, args.operation, _params(args.params), args.idempotency_key)
+    result = submit(args.service, args.operation, _params(args.params), args.idempotency_key, args.agent)
+    return _show(result, args)
+
+
+def _show(result: Any, args: argparse.Namespace) -> int:
     if not args.wait:
         print(result.id)
         return 0
@@ -67,12 +72,43 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from integrations import replay
+
+    return _show(replay(args.id), args)
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     from integrations.ledger import jobs
 
     rows = jobs.list_jobs(status=args.status, service=args.service, limit=args.limit)
     cols = ["id", "service", "operation", "status", "attempts", "status_code", "latency_ms", "created_at"]
+    if args.status == "failed":
+        cols.append("error")
     print(_table(rows, cols))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from integrations import breaker
+    from integrations.config import get_services
+    from integrations.ledger import jobs
+
+    rows = []
+    for svc in get_services().values():
+        if svc.health is None or not svc.health.enabled:
+            continue
+        row = jobs.health(svc.name)
+        row["breaker"] = breaker.state(svc.name)
+        rows.append(row)
+    if not rows:
+        print("no service has a health check (add 'health:' to a service in the services file)")
+        return 0
+    cols = ["service", "status", "status_code", "latency_ms", "breaker", "checked_at", "last_success_at"]
+    print(_table(rows, cols))
+    for row in rows:
+        if row["last_error"]:
+            print(f"{row['service']}: last error at {_fmt(row['last_error_at'])}: {row['last_error']}")
     return 0
 
 
@@ -135,12 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("operation")
     c.add_argument("params", nargs="*", metavar="key=value")
     c.add_argument("--idempotency-key")
-    c.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    c.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait")
+    c.add_argument("--agent", help="who submits: the key of per-agent rate limits")
+    _wait_options(c)
     c.set_defaults(func=cmd_call)
 
+    r = sub.add_parser("replay", help="submit a failed job again, as a new job linked to it")
+    r.add_argument("id")
+    _wait_options(r)
+    r.set_defaults(func=cmd_replay)
+
     j = sub.add_parser("jobs", help="list jobs, newest first")
-    j.add_argument("--status", choices=["queued", "running", "retrying", "succeeded", "failed"])
+    j.add_argument("--status", choices=[s.value for s in JobStatus])
     j.add_argument("--service")
     j.add_argument("--limit", type=int, default=20)
     j.set_defaults(func=cmd_jobs)
@@ -152,9 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stats", help="per service and operation: count, success rate, p50/p95").set_defaults(
         func=cmd_stats
     )
+    sub.add_parser(
+        "health", help="per service: last health check, latency, breaker, last error and success"
+    ).set_defaults(func=cmd_health)
     sub.add_parser("services", help="validate the services file and list it").set_defaults(func=cmd_services)
     sub.add_parser("migrate", help="apply the ledger's migrations").set_defaults(func=cmd_migrate)
     return p
+
+
+def _wait_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

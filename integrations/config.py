@@ -61,8 +61,12 @@ class Settings(BaseSettings):
     #: unacknowledged past its visibility timeout, so this must stay well below it.
     max_countdown: int = Field(900, ge=1)
     visibility_timeout: int = Field(3600, ge=60)
-    #: A job queued this long without being claimed is presumed lost and published again.
-    stuck_after: int = Field(900, ge=10)
+    #: A job queued this long without being claimed is presumed lost and published again
+    #: (running jobs: past the task time limit; waiting ones: past the longest countdown).
+    stuck_after: int = Field(900, ge=5)
+    #: How long a worker keeps retrying a ledger write, with backoff, while the database is
+    #: unreachable, so no outcome of a call already made is lost to a database restart.
+    ledger_retry_for: float = Field(300, ge=0)
 
     #: Task events feed Flower (operators watch the workers there); TASK_EVENTS=false saves
     #: their cost where nobody watches.
@@ -247,6 +251,25 @@ class Operation(_Strict):
             raise InvalidParams(_describe(e, prefix="")) from None
 
 
+class HealthCheck(_Strict):
+    """How beat checks a service: one of its ``operation``s (with ``params``) or a GET of
+    ``path``, every ``interval`` seconds. A 2xx answer is healthy."""
+
+    operation: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    path: str | None = Field(None, pattern=r"^/")
+    interval: float = Field(60, ge=1, le=86400)
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _one_target(self) -> HealthCheck:
+        if (self.operation is None) == (self.path is None):
+            raise ValueError("set exactly one of operation or path")
+        if self.params and self.operation is None:
+            raise ValueError("params go with an operation")
+        return self
+
+
 class ServiceConfig(_Strict):
     name: str
     kind: Literal["rest", "github"] = "rest"
@@ -258,6 +281,10 @@ class ServiceConfig(_Strict):
     rate_limit: str | None = None
     #: Calls that may go at once before the rate applies.
     burst: int = Field(1, ge=1, le=10000)
+    #: The same, for each agent (``call_service.delay(..., agent="name")``) on its own, so one
+    #: busy agent cannot take the whole service's budget.
+    agent_rate_limit: str | None = None
+    agent_burst: int = Field(1, ge=1, le=10000)
     retry: RetryPolicy = RetryPolicy()
     breaker: Breaker | None = Breaker()
     #: Allow requests to loopback, private and link-local addresses (off: an SSRF guard).
@@ -266,8 +293,22 @@ class ServiceConfig(_Strict):
     #: A CA bundle to trust instead of the system's (a service behind a private CA).
     ca_bundle: Path | None = None
     operations: dict[str, Operation] = Field(min_length=1)
+    health: HealthCheck | None = None
 
-    @field_validator("rate_limit")
+    @model_validator(mode="after")
+    def _health_operation(self) -> ServiceConfig:
+        h = self.health
+        if h is not None and h.operation is not None:
+            op = self.operations.get(h.operation)
+            if op is None:
+                raise ValueError(f"health.operation: no operation {h.operation!r} in operations")
+            try:
+                op.validate_params(h.params)
+            except InvalidParams as e:
+                raise ValueError(f"health.params: {e}") from None
+        return self
+
+    @field_validator("rate_limit", "agent_rate_limit")
     @classmethod
     def _rate(cls, v: str | None) -> str | None:
         if v is not None and not _RATE_RE.match(v):
@@ -276,10 +317,11 @@ class ServiceConfig(_Strict):
 
     @property
     def global_limit(self) -> Rate | None:
-        if self.rate_limit is None:
-            return None
-        count, unit = self.rate_limit.split("/")
-        return Rate(float(count) / {"s": 1, "m": 60, "h": 3600}[unit], self.burst)
+        return _rate(self.rate_limit, self.burst)
+
+    @property
+    def agent_limit(self) -> Rate | None:
+        return _rate(self.agent_rate_limit, self.agent_burst)
 
     @field_validator("ca_bundle")
     @classmethod
@@ -292,6 +334,14 @@ class ServiceConfig(_Strict):
     @classmethod
     def _strip_slash(cls, v: str) -> str:
         return v.rstrip("/")
+
+
+def _rate(spec: str | None, burst: int) -> Rate | None:
+    if spec is None:
+        return None
+    count, unit = spec.split("/")
+    per_second = float(count) / {"s": 1, "m": 60, "h": 3600}[unit]
+    return Rate(per_second, burst) if per_second > 0 else None
 
 
 def load_services(path: Path, settings: Settings | None = None) -> dict[str, ServiceConfig]:

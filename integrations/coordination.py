@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import redis
 
-from integrations.config import ServiceConfig, get_settings
+from integrations.config import Rate, ServiceConfig, get_settings
 
 # GCRA (the generic cell rate algorithm): one timestamp per service, the "theoretical arrival
 # time" (TAT). A call may go when TAT - now <= burst * interval; then TAT += interval.
@@ -68,8 +68,9 @@ def _keys(service: str) -> tuple[str, str]:
     return f"integrations:tat:{service}", f"integrations:pause:{service}"
 
 
-def acquire(service: ServiceConfig, reserve_up_to: float = 0.0) -> Decision:
-    """Take a slot of the service's global rate limit, unless the service is paused.
+def acquire(service: ServiceConfig, reserve_up_to: float = 0.0, agent: str | None = None) -> Decision:
+    """Take a slot of the service's global rate limit (and of ``agent``'s own share of it, when
+    the service sets one), unless the service is paused.
 
     A slot up to ``reserve_up_to`` seconds ahead is kept for the caller, who runs then without
     asking again (``Decision.wait``); a caller denied further out takes nothing.
@@ -77,11 +78,26 @@ def acquire(service: ServiceConfig, reserve_up_to: float = 0.0) -> Decision:
     r = client()
     if r is None:
         return Decision(0.0)
-    limit = service.global_limit
     tat_key, pause_key = _keys(service.name)
-    if limit is None:
+    limits: list[tuple[str, Rate]] = []
+    if agent is not None and service.agent_limit is not None:
+        limits.append((f"{tat_key}:agent:{agent}", service.agent_limit))
+    if service.global_limit is not None:
+        limits.append((tat_key, service.global_limit))
+    if not limits:
         left_ms = int(r.pttl(pause_key))
         return Decision(left_ms / 1000, paused=True) if left_ms > 0 else Decision(0.0)
+    wait = 0.0
+    for key, limit in limits:
+        d = _take(r, key, pause_key, limit, reserve_up_to)
+        if d.paused or (d.wait > 0 and not d.reserved):
+            return d
+        wait = max(wait, d.wait)
+    # Every slot is kept for the caller; it runs when the latest of them comes.
+    return Decision(wait, reserved=wait > 0)
+
+
+def _take(r: redis.Redis, tat_key: str, pause_key: str, limit: Rate, reserve_up_to: float) -> Decision:
     interval_us = int(1_000_000 / limit.per_second)
     ttl_ms = int(interval_us * (limit.burst + 1) / 1000) + 60_000
     max_reserve_us = int(reserve_up_to * 1_000_000)

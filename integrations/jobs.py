@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from integrations import http, ledger
 from integrations.config import Operation, ServiceConfig, get_services, get_settings
 from integrations.errors import InvalidParams, SubmitError, UnknownOperation, UnknownService
 from integrations.ledger.jobs import Claim
+from integrations.ledger.models import JobStatus
 from integrations.services import build_request
+
+#: ``publish(service, job_id, agent)`` puts a job's message on the broker.
+Publish = Callable[[str, str, str | None], None]
+
+_AGENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}")
 
 
 def resolve(service: str, operation: str) -> tuple[ServiceConfig, Operation]:
@@ -43,23 +53,39 @@ def enqueue(
     operation: str,
     params: Any,
     idempotency_key: str | None,
-    publish: Callable[[str, str], None],
+    publish: Publish,
+    *,
+    agent: str | None = None,
+    replay_of: str | None = None,
 ) -> tuple[str, bool]:
-    """Validate, write the job row, then ``publish(service, job_id)``; return ``(job_id, created)``.
+    """Validate, write the job row, then ``publish(service, job_id, agent)``; return ``(job_id, created)``.
 
     Nothing is written when validation fails. A reused ``idempotency_key`` returns the existing
-    job and publishes nothing. When publishing fails the row is settled as failed and
-    :class:`SubmitError` is raised, so no job is left queued with no message.
+    job and publishes nothing. When the ledger is unreachable nothing is queued; when publishing
+    fails the row is settled as failed. Both raise :class:`SubmitError`, so the caller always
+    knows, and no job is left queued with no message.
     """
     if idempotency_key is not None and not (
         isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255
     ):
         raise InvalidParams("idempotency_key must be a string of 1 to 255 characters")
+    if agent is not None and not (isinstance(agent, str) and _AGENT.fullmatch(agent)):
+        raise InvalidParams(
+            "agent must be 1 to 100 letters, digits or '_.:@-', starting with a letter or digit"
+        )
     clean = prepare(service, operation, params)
-    job_id, created = ledger.jobs.create_job(service, operation, clean, idempotency_key)
+    try:
+        job_id, created = ledger.jobs.create_job(
+            service, operation, clean, idempotency_key, replay_of=replay_of, agent=agent
+        )
+    except SQLAlchemyError as e:
+        raise SubmitError(
+            "could not record the job: the ledger database is unavailable"
+            f" ({type(e).__name__}); nothing was queued"
+        ) from e
     if created:
         try:
-            publish(service, job_id)
+            publish(service, job_id, agent)
         except Exception as e:
             reason = f"could not queue the job: broker unavailable ({type(e).__name__})"
             ledger.jobs.fail_unqueued(job_id, reason)
@@ -67,10 +93,34 @@ def enqueue(
     return job_id, created
 
 
+def replay(job_id: str, publish: Publish) -> str:
+    """Submit a failed job again as a new job linked to it (``replay_of``); return the new id.
+
+    The params are checked again against today's services file, so a job whose operation is
+    gone fails here with a clear error rather than in the worker.
+    """
+    try:
+        old = ledger.jobs.get_job(job_id)
+    except SQLAlchemyError as e:
+        raise SubmitError(f"could not read the ledger ({type(e).__name__})") from e
+    if old is None:
+        raise SubmitError(f"no job with id {job_id}")
+    if old["status"] != JobStatus.FAILED:
+        raise SubmitError(f"job {job_id} is {old['status']}; only failed jobs are replayed")
+    new_id, _ = enqueue(
+        old["service"], old["operation"], old["params"], None, publish, agent=old["agent"], replay_of=job_id
+    )
+    return new_id
+
+
 def perform(claim: Claim) -> http.Response:
     """Make one attempt at a claimed job. Returns the 2xx response; raises a classified error."""
     svc, op = resolve(claim.service, claim.operation)
-    resp = http.send(svc, build_request(svc, op, claim.params), get_settings().response_max_bytes)
+    req = build_request(svc, op, claim.params)
+    # The same key on every attempt of a job: an upstream that honours it runs the job once
+    # even when our retry follows a lost reply (draft-ietf-httpapi-idempotency-key-header).
+    req = replace(req, headers={**req.headers, "Idempotency-Key": claim.job_id})
+    resp = http.send(svc, req, get_settings().response_max_bytes)
     err = http.classify(resp, svc.retry.retry_after_max)
     if err is not None:
         err.response = resp

@@ -27,27 +27,33 @@ from tasks.celeryapp import call_task_name as task_name
 log = get_task_logger(__name__)
 
 
-def _publish(service: str, job_id: str) -> None:
-    # The message carries the job id only: parameters and secrets stay in the ledger.
-    app.tasks[task_name(service)].apply_async((job_id,), task_id=job_id)
+def publish(service: str, job_id: str, agent: str | None = None) -> None:
+    """Put job ``job_id`` on the broker for ``service``'s task.
+
+    The message carries the job id (and the agent, for its rate limit) only: parameters and
+    secrets stay in the ledger.
+    """
+    kwargs = {"agent": agent} if agent else {}
+    app.tasks[task_name(service)].apply_async((job_id,), kwargs, task_id=job_id)
 
 
 class CallService(Task):  # type: ignore[misc]
-    """``call_service.delay(service, operation, params, idempotency_key=None)``.
+    """``call_service.delay(service, operation, params, idempotency_key=None, agent=None)``.
 
     Validates in the caller (unknown service, operation or params raise and nothing is written
     or queued), writes the job row, then publishes its id to the service's task. The returned
     ``AsyncResult`` has the job id as its id; ``.get()`` gives ``{job_id, status, status_code,
     data, ...}`` or raises the job's final error. A reused idempotency key returns the existing
-    job's result and calls nothing upstream.
+    job's result and calls nothing upstream. ``agent`` names the submitter, for per-agent rate
+    limits and the ledger.
     """
 
     name = "integrations.call_service"
     typing = False
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
-        service, operation, params, key = _call_args(*(args or ()), **(kwargs or {}))
-        job_id, _ = jobs.enqueue(service, operation, params, key, _publish)
+        service, operation, params, key, agent = _call_args(*(args or ()), **(kwargs or {}))
+        job_id, _ = jobs.enqueue(service, operation, params, key, publish, agent=agent)
         return self.AsyncResult(job_id)
 
     def run(
@@ -56,9 +62,12 @@ class CallService(Task):  # type: ignore[misc]
         operation: str,
         params: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        agent: str | None = None,
     ) -> Any:
         """Called in-process (``call_service(...)``): accept the job and run it here."""
-        job_id, _ = jobs.enqueue(service, operation, params, idempotency_key, lambda s, j: None)
+        job_id, _ = jobs.enqueue(
+            service, operation, params, idempotency_key, lambda s, j, a: None, agent=agent
+        )
         return app.tasks[task_name(service)].apply((job_id,), task_id=job_id).get()
 
 
@@ -67,8 +76,9 @@ def _call_args(
     operation: str,
     params: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
-) -> tuple[str, str, dict[str, Any] | None, str | None]:
-    return service, operation, params, idempotency_key
+    agent: str | None = None,
+) -> tuple[str, str, dict[str, Any] | None, str | None, str | None]:
+    return service, operation, params, idempotency_key, agent
 
 
 call_service: CallService = app.register_task(CallService())
@@ -79,14 +89,18 @@ call_service: CallService = app.register_task(CallService())
 _RESULT_REPR_MAX = len(repr({"job_id": "0" * 36, "status": "succeeded", "status_code": 200}))
 
 
-def run_job(self: Task, job_id: str, reserved: bool = False) -> dict[str, Any]:
+def run_job(self: Task, job_id: str, reserved: bool = False, agent: str | None = None) -> dict[str, Any]:
     """Run one attempt of job ``job_id``; record it; succeed, retry or fail.
 
-    Before the claim, the service's breaker and its global rate limit may defer the job: that
-    charges no attempt. ``reserved`` says a rate-limit slot was already taken for this run.
+    Before the claim, the service's breaker and its global rate limits may defer the job: that
+    charges no attempt. ``reserved`` says a rate-limit slot was already taken for this run;
+    ``agent`` picks the agent's own limit.
     """
     svc = get_services()[self.service_name]
-    _gate(self, svc, job_id, reserved)
+    _gate(self, svc, job_id, reserved, agent)
+    if reserved and isinstance(self.request.kwargs, dict):
+        # The slot is used by this run; a retry (Celery re-sends these kwargs) takes a new one.
+        self.request.kwargs.pop("reserved", None)
     claim = ledger.claim(job_id)
     if claim is None:
         # Already running elsewhere, or finished: a redelivered message. Store no result, so
@@ -156,33 +170,34 @@ def run_job(self: Task, job_id: str, reserved: bool = False) -> dict[str, Any]:
     raise err  # autoretry_for retries TransientError with the service's backoff; others fail
 
 
-def _gate(task: Task, svc: ServiceConfig, job_id: str, reserved: bool) -> None:
+def _gate(task: Task, svc: ServiceConfig, job_id: str, reserved: bool, agent: str | None) -> None:
     """Defer the job (raising Ignore) while the breaker is open, the service is paused, or
-    the global rate limit has no slot for it now."""
+    the global rate limits have no slot for it now."""
     gate = breaker.allow(svc)
     if gate.transition:
         ledger.record_breaker_event(svc.name, gate.transition, "reset timeout passed: one probe call")
     if gate.wait > 0:
-        _defer(task, job_id, gate.wait, reserved=False)
+        _defer(task, job_id, gate.wait, False, agent)
     if reserved:
         paused = coordination.paused_for(svc.name)
         if paused > 0:
-            _defer(task, job_id, paused, reserved=False)
+            _defer(task, job_id, paused, False, agent)
         return
-    decision = coordination.acquire(svc, reserve_up_to=get_settings().defer_countdown_max)
+    decision = coordination.acquire(svc, get_settings().defer_countdown_max, agent)
     if decision.wait > 0:
-        _defer(task, job_id, decision.wait, reserved=decision.reserved)
+        _defer(task, job_id, decision.wait, decision.reserved, agent)
 
 
-def _defer(task: Task, job_id: str, wait: float, reserved: bool) -> None:
+def _defer(task: Task, job_id: str, wait: float, reserved: bool, agent: str | None) -> None:
     """Run the job again in ``wait`` seconds without charging an attempt: a broker countdown
     when short, else parked in the ledger for beat's dispatcher (a long countdown on Redis
     would outlive the visibility timeout and be delivered twice)."""
     settings = get_settings()
     if wait <= settings.defer_countdown_max:
-        task.apply_async(
-            (job_id,), {"reserved": reserved}, countdown=wait, task_id=job_id, retries=task.request.retries
-        )
+        kwargs: dict[str, Any] = {"reserved": reserved}
+        if agent:
+            kwargs["agent"] = agent
+        task.apply_async((job_id,), kwargs, countdown=wait, task_id=job_id, retries=task.request.retries)
     else:
         ledger.park(job_id, utcnow() + dt.timedelta(seconds=wait))
     raise Ignore()

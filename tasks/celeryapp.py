@@ -52,7 +52,9 @@ def make_app(settings: Settings, services: dict[str, ServiceConfig]) -> Celery:
         # Flower builds its task list from events; they carry only task names and job ids.
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
-        beat_schedule=beat_schedule.SCHEDULE,
+        beat_schedule=beat_schedule.with_health_checks(
+            {s.name: s.health.interval for s in services.values() if s.health and s.health.enabled}
+        ),
         beat_schedule_filename=str(settings.var_dir / "celerybeat-schedule"),
         # Celery's rate limits hold per worker instance; they are the services' first line.
         task_annotations={

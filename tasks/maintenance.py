@@ -1,4 +1,4 @@
-"""Housekeeping run by beat."""
+"""What beat runs: the stuck-job sweeper, the deferred-job dispatcher and health checks."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import datetime as dt
 
 from celery.utils.log import get_task_logger
 
-from integrations.config import get_settings
+from integrations import breaker, coordination, health
+from integrations.config import get_services, get_settings
 from integrations.ledger import jobs as ledger
 from integrations.ledger.models import utcnow
-from tasks.celeryapp import app, call_task_name
+from tasks.calls import publish
+from tasks.celeryapp import app
 
 log = get_task_logger(__name__)
 
@@ -18,20 +20,26 @@ log = get_task_logger(__name__)
 def requeue_stuck_jobs() -> int:
     """Publish again the jobs whose message was lost (worker killed, broker emptied).
 
-    A job is presumed lost when it sat queued for ``STUCK_AFTER`` seconds, or ran or waited for
-    a retry untouched for longer than the task time limit plus the longest countdown. The claim
-    in the worker makes a spare message harmless.
+    A job is presumed lost when it sat queued for ``STUCK_AFTER`` seconds, ran past the task's
+    hard time limit (no worker can still be at it), or waited for a retry past the longest
+    countdown. The claim in the worker makes a spare message harmless.
     """
     s = get_settings()
     now = utcnow()
+
+    def before(seconds: float) -> dt.datetime:
+        return now - dt.timedelta(seconds=max(s.stuck_after, seconds))
+
     found = ledger.stuck_jobs(
         now,
-        queued_before=now - dt.timedelta(seconds=s.stuck_after),
-        running_before=now - dt.timedelta(seconds=s.task_time_limit + s.max_countdown + 60),
+        queued_before=before(0),
+        running_before=before(s.task_time_limit + 10),
+        retrying_before=before(max(s.max_countdown, s.defer_countdown_max) + 10),
     )
-    for job_id, service in found:
-        if call_task_name(service) in app.tasks:
-            app.tasks[call_task_name(service)].apply_async((job_id,), task_id=job_id)
+    services = get_services()
+    for job_id, service, agent in found:
+        if service in services:
+            publish(service, job_id, agent)
     if found:
         log.warning("re-queued %d stuck jobs", len(found))
     return len(found)
@@ -41,7 +49,29 @@ def requeue_stuck_jobs() -> int:
 def dispatch_deferred() -> int:
     """Queue again the jobs parked in the ledger (long rate-limit waits) whose time has come."""
     due = ledger.due_deferred(utcnow())
-    for job_id, service in due:
-        if call_task_name(service) in app.tasks:
-            app.tasks[call_task_name(service)].apply_async((job_id,), task_id=job_id)
+    services = get_services()
+    for job_id, service, agent in due:
+        if service in services:
+            publish(service, job_id, agent)
     return len(due)
+
+
+@app.task(name="integrations.health_check", ignore_result=True)
+def health_check(service: str) -> bool | None:
+    """Check ``service`` once and record it. A healthy check closes an open breaker early.
+
+    Skipped (``None``) while the upstream asked us to wait, or when the global rate limit has
+    no slot now: a check must not spend the budget the jobs need.
+    """
+    svc = get_services().get(service)
+    if svc is None or svc.health is None or not svc.health.enabled:
+        return None
+    if coordination.acquire(svc).wait > 0:
+        log.info("health check of %s skipped: the service is paused or at its rate limit", service)
+        return None
+    out = health.check(svc)
+    ledger.record_health(service, out.ok, out.status_code, out.latency_ms, out.error)
+    if out.ok and breaker.state(service) != "closed":
+        breaker.reset(service)
+        ledger.record_breaker_event(service, "closed", "health check passed")
+    return out.ok

@@ -240,7 +240,7 @@ def test_the_sweeper_requeues_a_job_whose_message_was_lost(stub: Stub, key: str)
         conn.execute(
             update(ledger.jobs)
             .where(ledger.jobs.c.id == job_id)
-            .values(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+            .values(updated_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
         )
     assert requeue_stuck_jobs.apply().get() >= 1
     assert call_service.AsyncResult(job_id).get(timeout=20)["status"] == "succeeded"

@@ -11,10 +11,11 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from integrations.ledger.db import get_engine
+from integrations.ledger.db import get_engine, retried
 from integrations.ledger.models import (
     TERMINAL,
     BreakerEvent,
+    HealthCheck,
     Job,
     JobAttempt,
     JobStatus,
@@ -25,6 +26,7 @@ from integrations.ledger.models import (
 jobs = cast(Table, Job.__table__)
 attempts = cast(Table, JobAttempt.__table__)
 breaker_events = cast(Table, BreakerEvent.__table__)
+health_checks = cast(Table, HealthCheck.__table__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ def create_job(
     params: dict[str, Any],
     idempotency_key: str | None,
     replay_of: str | None = None,
+    agent: str | None = None,
 ) -> tuple[str, bool]:
     """Insert a queued job; return ``(job_id, created)``.
 
@@ -59,6 +62,7 @@ def create_job(
         "params": params,
         "idempotency_key": idempotency_key,
         "replay_of": replay_of,
+        "agent": agent,
         "status": JobStatus.QUEUED,
         "attempts": 0,
         "created_at": now,
@@ -143,6 +147,7 @@ _MOVE_JOB = (
 _RECORD_PG = _MOVE_JOB.add_cte(_ADD_ATTEMPT.cte("add_attempt"))
 
 
+@retried
 def claim(job_id: str) -> Claim | None:
     """Atomically move a queued or retrying job to running and count the attempt.
 
@@ -156,6 +161,7 @@ def claim(job_id: str) -> Claim | None:
     return Claim(job_id, row.service, row.operation, row.params, row.attempts)
 
 
+@retried
 def record_attempt(
     claim: Claim,
     *,
@@ -167,7 +173,11 @@ def record_attempt(
     response_excerpt: str | None,
     next_attempt_at: dt.datetime | None = None,
 ) -> None:
-    """Store one attempt and move the job to ``status``, atomically."""
+    """Store one attempt and move the job to ``status``, atomically.
+
+    Retried while the database is unreachable. When a retry finds the attempt already stored
+    (the first try committed but its reply was lost), there is nothing left to do.
+    """
     now = utcnow()
     params = {
         "b_job_id": claim.job_id,
@@ -183,12 +193,15 @@ def record_attempt(
         "b_next_attempt_at": next_attempt_at,
     }
     engine = get_engine()
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(_RECORD_PG, params)
-        else:
-            conn.execute(_ADD_ATTEMPT, params)
-            conn.execute(_MOVE_JOB, params)
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(_RECORD_PG, params)
+            else:
+                conn.execute(_ADD_ATTEMPT, params)
+                conn.execute(_MOVE_JOB, params)
+    except IntegrityError:
+        pass  # uq_job_attempts_job_id_number: this attempt and its job update are in already
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,28 +294,32 @@ def _percentile(sorted_values: list[float], p: int) -> float | None:
 
 
 def stuck_jobs(
-    now: dt.datetime, queued_before: dt.datetime, running_before: dt.datetime, limit: int = 500
-) -> list[tuple[str, str]]:
-    """``(job_id, service)`` of jobs whose message is presumed lost, after resetting them to retrying.
+    now: dt.datetime,
+    queued_before: dt.datetime,
+    running_before: dt.datetime,
+    retrying_before: dt.datetime,
+    limit: int = 500,
+) -> list[tuple[str, str, str | None]]:
+    """``(job_id, service, agent)`` of jobs whose message is presumed lost, once reset for a new one.
 
-    Queued since before ``queued_before`` (lost message), or running/retrying untouched since
-    before ``running_before`` (worker killed, broker emptied). The reset is a conditional update,
-    so two sweepers never both take the same job.
+    Untouched since before the bound of their status: queued (lost message, emptied broker),
+    running (worker killed: past the task time limit no worker can still be at it), retrying
+    (past the longest countdown). A running job goes back to retrying. The reset is a
+    conditional update, so two sweepers never both take the same job.
     """
-    found: list[tuple[str, str]] = []
+    found: list[tuple[str, str, str | None]] = []
     with get_engine().begin() as conn:
         rows = conn.execute(
-            select(jobs.c.id, jobs.c.service, jobs.c.status, jobs.c.updated_at)
+            select(jobs.c.id, jobs.c.service, jobs.c.agent, jobs.c.status, jobs.c.updated_at)
             .where(
-                ((jobs.c.status == JobStatus.QUEUED) & (jobs.c.created_at < queued_before))
-                | (
-                    jobs.c.status.in_((JobStatus.RUNNING, JobStatus.RETRYING))
-                    & (jobs.c.updated_at < running_before)
-                )
+                ((jobs.c.status == JobStatus.QUEUED) & (jobs.c.updated_at < queued_before))
+                | ((jobs.c.status == JobStatus.RUNNING) & (jobs.c.updated_at < running_before))
+                | ((jobs.c.status == JobStatus.RETRYING) & (jobs.c.updated_at < retrying_before))
             )
+            .order_by(jobs.c.updated_at)
             .limit(limit)
         ).all()
-        for job_id, service, status, updated_at in rows:
+        for job_id, service, agent, status, updated_at in rows:
             res = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.status == status, jobs.c.updated_at == updated_at)
@@ -312,10 +329,11 @@ def stuck_jobs(
                 )
             )
             if res.rowcount == 1:
-                found.append((job_id, service))
+                found.append((job_id, service, agent))
     return found
 
 
+@retried
 def park(job_id: str, until: dt.datetime) -> bool:
     """Set a queued or retrying job aside until ``until``; beat's dispatcher queues it then."""
     with get_engine().begin() as conn:
@@ -327,27 +345,28 @@ def park(job_id: str, until: dt.datetime) -> bool:
     return res.rowcount == 1
 
 
-def due_deferred(now: dt.datetime, limit: int = 1000) -> list[tuple[str, str]]:
-    """``(job_id, service)`` of parked jobs whose time has come, moved back to queued."""
-    due: list[tuple[str, str]] = []
+def due_deferred(now: dt.datetime, limit: int = 1000) -> list[tuple[str, str, str | None]]:
+    """``(job_id, service, agent)`` of parked jobs whose time has come, moved back to queued."""
+    due: list[tuple[str, str, str | None]] = []
     with get_engine().begin() as conn:
         rows = conn.execute(
-            select(jobs.c.id, jobs.c.service)
+            select(jobs.c.id, jobs.c.service, jobs.c.agent)
             .where(jobs.c.status == JobStatus.DEFERRED, jobs.c.next_attempt_at <= now)
             .order_by(jobs.c.next_attempt_at)
             .limit(limit)
         ).all()
-        for job_id, service in rows:
+        for job_id, service, agent in rows:
             res = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.status == JobStatus.DEFERRED)
                 .values(status=JobStatus.QUEUED, updated_at=now)
             )
             if res.rowcount == 1:
-                due.append((job_id, service))
+                due.append((job_id, service, agent))
     return due
 
 
+@retried
 def record_breaker_event(service: str, state: str, reason: str) -> None:
     with get_engine().begin() as conn:
         conn.execute(
@@ -361,3 +380,55 @@ def list_breaker_events(service: str | None = None, limit: int = 50) -> list[dic
         q = q.where(breaker_events.c.service == service)
     with get_engine().connect() as conn:
         return [dict(r) for r in conn.execute(q).mappings()]
+
+
+# --------------------------------------------------------------------------------------------
+# Health checks
+# --------------------------------------------------------------------------------------------
+
+#: Health checks older than this are dropped as new ones come in.
+HEALTH_KEEP = dt.timedelta(days=7)
+
+
+@retried
+def record_health(
+    service: str, ok: bool, status_code: int | None, latency_ms: float | None, error: str | None
+) -> None:
+    now = utcnow()
+    with get_engine().begin() as conn:
+        conn.execute(
+            insert(health_checks),
+            {
+                "service": service,
+                "ok": ok,
+                "status_code": status_code,
+                "latency_ms": latency_ms,
+                "error": error,
+                "checked_at": now,
+            },
+        )
+        conn.execute(
+            health_checks.delete().where(
+                health_checks.c.service == service, health_checks.c.checked_at < now - HEALTH_KEEP
+            )
+        )
+
+
+def health(service: str) -> dict[str, Any]:
+    """The latest check of ``service``, and when it last failed and last passed."""
+    latest = select(health_checks).where(health_checks.c.service == service)
+    newest = health_checks.c.checked_at.desc(), health_checks.c.id.desc()
+    with get_engine().connect() as conn:
+        last = conn.execute(latest.order_by(*newest).limit(1)).mappings().first()
+        failed = conn.execute(latest.where(~health_checks.c.ok).order_by(*newest).limit(1)).mappings().first()
+        passed = conn.execute(latest.where(health_checks.c.ok).order_by(*newest).limit(1)).mappings().first()
+    return {
+        "service": service,
+        "status": "unknown" if last is None else ("healthy" if last["ok"] else "unhealthy"),
+        "status_code": last["status_code"] if last else None,
+        "latency_ms": last["latency_ms"] if last else None,
+        "checked_at": last["checked_at"] if last else None,
+        "last_error": failed["error"] if failed else None,
+        "last_error_at": failed["checked_at"] if failed else None,
+        "last_success_at": passed["checked_at"] if passed else None,
+    }

@@ -6,7 +6,7 @@ import datetime as dt
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -55,6 +55,7 @@ class Job(Base):
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_service_operation", "service", "operation"),
         Index("ix_jobs_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_jobs_replay_of", "replay_of"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -74,6 +75,8 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     replay_of: Mapped[str | None] = mapped_column(String(36))
+    #: Who submitted the job (an agent's name); per-agent rate limits key on it.
+    agent: Mapped[str | None] = mapped_column(String(100))
 
 
 class BreakerEvent(Base):
@@ -91,6 +94,7 @@ class BreakerEvent(Base):
 
 class JobAttempt(Base):
     __tablename__ = "job_attempts"
+    __table_args__ = (Index("uq_job_attempts_job_id_number", "job_id", "number", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -102,3 +106,18 @@ class JobAttempt(Base):
     response_excerpt: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class HealthCheck(Base):
+    """One health check of a service, run by beat."""
+
+    __tablename__ = "health_checks"
+    __table_args__ = (Index("ix_health_checks_service_checked_at", "service", "checked_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    service: Mapped[str] = mapped_column(String(100))
+    ok: Mapped[bool] = mapped_column(Boolean)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    checked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
