@@ -218,6 +218,7 @@ def _observe(svc: ServiceConfig, resp: Any, err: CallError | None) -> None:
     transition = breaker.record(svc, ok=not failed)
     if transition == "closed":
         ledger.record_breaker_event(svc.name, "closed", "a call succeeded")
+        ledger.release_deferred(svc.name)
     elif transition == "open":
         ledger.record_breaker_event(svc.name, "open", f"call failed: {err}")
 

@@ -74,4 +74,5 @@ def health_check(service: str) -> bool | None:
     if out.ok and breaker.state(service) != "closed":
         breaker.reset(service)
         ledger.record_breaker_event(service, "closed", "health check passed")
+        ledger.release_deferred(service)
     return out.ok

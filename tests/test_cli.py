@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 from conftest import TOKEN
-from procs import cli
+from procs import cli, env_with
 from stub import Reply, Stub
+
+from integrations.ledger import jobs as ledger
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -70,3 +74,23 @@ def test_an_unreachable_database_is_one_line() -> None:
     out = cli("jobs", env=env)
     assert out.returncode == 1
     assert out.stderr.startswith("error: OperationalError") and "Traceback" not in out.stderr
+
+
+def test_a_broker_down_at_submit_is_one_line_and_leaves_no_job_queued(key: str) -> None:
+    out = cli("call", "stub", "echo", f"key={key}", env=env_with(BROKER_URL="redis://127.0.0.1:1/0"))
+    assert out.returncode == 2
+    assert "could not queue the job: broker unavailable" in out.stderr and "Traceback" not in out.stderr
+    m = re.search(r"job ([0-9a-f-]{36}) was not run", out.stderr)
+    assert m is not None
+    job = ledger.get_job(m.group(1))
+    assert job is not None and job["status"] == "failed" and "broker unavailable" in job["error"]
+
+
+def test_a_ledger_down_at_submit_is_one_line_and_queues_nothing(stub: Stub, key: str) -> None:
+    env = env_with(DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none")
+    out = cli("call", "stub", "echo", f"key={key}", env=env)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: could not record the job: the ledger database is unavailable")
+    assert "nothing was queued" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    time.sleep(1.0)  # the worker is up: a message, had one gone out, would have reached the stub
+    assert stub.hits_for(key) == []

@@ -151,6 +151,13 @@ def test_5xx_and_dropped_connections_are_retried_with_backoff(stub: Stub, key: s
     assert "connection" in log[1]["error"]
 
 
+def test_every_attempt_sends_the_job_id_as_idempotency_key(stub: Stub, key: str) -> None:
+    stub.plan(key, Reply(status=502))
+    r = call_service.delay("stub", "create", {"key": key, "title": "t"})
+    assert r.get(timeout=20)["attempts"] == 2
+    assert [h.headers["idempotency-key"] for h in stub.hits_for(key)] == [r.id, r.id]
+
+
 def test_a_slow_upstream_times_out_and_is_retried(stub: Stub, key: str) -> None:
     stub.plan(key, Reply(delay=2.5))
     out = call_service.delay("stub", "echo", {"key": key}).get(timeout=30)

@@ -1,15 +1,21 @@
-"""Shared state across workers through Redis: upstream pauses and the circuit breaker."""
+"""Shared state across workers through Redis (upstream pauses, breakers, per-agent limits),
+health checks, and replay of failed jobs."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import time
+from typing import Any
 
 import pytest
+from procs import cli
 from stub import Reply, Stub
 
 from integrations import breaker
+from integrations.errors import InvalidParams, PermanentError, TransientError
 from integrations.ledger import jobs as ledger
-from tasks import call_service
+from tasks import call_service, dispatch_deferred, health_check
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -51,3 +57,101 @@ def test_the_breaker_opens_lets_only_probes_through_and_closes(stub: Stub, key: 
     # Deferrals by the open breaker charge no attempt: every attempt is a call the stub saw.
     attempts = sum(ledger.get_job(r.id)["attempts"] for r in failing + waiting)  # type: ignore[index]
     assert attempts == len(hits)
+
+
+def test_each_agent_gets_its_own_share_of_the_rate(stub: Stub, key: str) -> None:
+    alpha, beta = key + "a", key + "b"
+    results = [call_service.delay("stub_agents", "echo", {"key": alpha}, agent="alpha") for _ in range(5)]
+    results += [call_service.delay("stub_agents", "echo", {"key": beta}, agent="beta") for _ in range(5)]
+    for r in results:
+        assert r.get(timeout=30)["status"] == "succeeded"
+    for k in (alpha, beta):
+        times = sorted(h.at for h in stub.hits_for(k))
+        assert len(times) == 5
+        # 2/s each, burst 1: never two calls of one agent within half a second.
+        assert min(b - a for a, b in itertools.pairwise(times)) >= 0.45
+    # The agents ran side by side: beta did not wait behind alpha's five calls.
+    assert abs(stub.hits_for(beta)[0].at - stub.hits_for(alpha)[0].at) < 1.0
+    assert ledger.get_job(results[0].id)["agent"] == "alpha"  # type: ignore[index]
+    with pytest.raises(InvalidParams, match="agent must be"):
+        call_service.delay("stub_agents", "echo", {"key": key}, agent="no spaces")
+
+
+def test_a_failed_job_is_listed_and_replayed_as_a_new_linked_job(stub: Stub, key: str) -> None:
+    stub.plan(key, Reply(status=404))
+    failed = call_service.delay("stub", "echo", {"key": key}, agent="replayer")
+    with pytest.raises(PermanentError):
+        failed.get(timeout=20)
+    listing = cli("jobs", "--status", "failed", "--limit", "500")
+    assert listing.returncode == 0
+    row = next(line for line in listing.stdout.splitlines() if failed.id in line)
+    assert "HTTP 404" in row
+
+    out = cli("replay", failed.id, "--wait", "--timeout", "30")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["status"] == "succeeded" and result["job_id"] != failed.id
+    new = ledger.get_job(result["job_id"])
+    assert new is not None and new["replay_of"] == failed.id and new["agent"] == "replayer"
+    assert ledger.get_job(failed.id)["status"] == "failed"  # type: ignore[index]
+    assert len(stub.hits_for(key)) == 2
+
+    again = cli("replay", result["job_id"])
+    assert again.returncode == 2
+    assert "is succeeded; only failed jobs are replayed" in again.stderr
+
+
+def test_beat_checks_each_service_with_a_health_check_at_its_interval(app: Any) -> None:
+    schedule = app.conf.beat_schedule
+    entry = schedule["health-check-stub_health"]
+    assert entry["task"] == "integrations.health_check" and entry["args"] == ("stub_health",)
+    assert entry["schedule"] == 5.0 and entry["options"] == {"expires": 5.0}
+    assert schedule["health-check-stub_health_op"]["schedule"] == 30.0
+    assert "health-check-stub" not in schedule  # no health: block, no check
+
+
+def test_health_checks_are_recorded_shown_and_close_an_open_breaker(stub: Stub, key: str) -> None:
+    breaker.reset("stub_health")
+    probe = "health-probe"
+    # One failing job opens the breaker (threshold 1); a job submitted then is set aside.
+    stub.plan(key, Reply(status=500))
+    first = call_service.delay("stub_health", "echo", {"key": key})
+    with pytest.raises(TransientError):
+        first.get(timeout=20)
+    assert breaker.state("stub_health") == "open"
+    waiting = call_service.delay("stub_health", "echo", {"key": key})
+    deadline = time.monotonic() + 10
+    while ledger.get_job(waiting.id)["status"] != "deferred" and time.monotonic() < deadline:  # type: ignore[index]
+        time.sleep(0.05)
+    assert ledger.get_job(waiting.id)["status"] == "deferred"  # type: ignore[index]
+
+    stub.plan(probe, Reply(status=503))
+    assert health_check.apply(("stub_health",)).get() is False
+    shown = cli("health")
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if line.startswith("stub_health "))
+    assert "unhealthy" in row and " 503 " in row and " open " in row
+    assert "stub_health: last error at" in shown.stdout and "HTTP 503" in shown.stdout
+    assert breaker.state("stub_health") == "open"
+
+    assert health_check.apply(("stub_health",)).get() is True
+    assert breaker.state("stub_health") == "closed"
+    event = ledger.list_breaker_events("stub_health", limit=1)[0]
+    assert (event["state"], event["reason"]) == ("closed", "health check passed")
+    h = ledger.health("stub_health")
+    assert h["status"] == "healthy" and h["status_code"] == 200 and h["latency_ms"] > 0
+    assert h["last_success_at"] >= h["last_error_at"] and h["last_error"] == "HTTP 503 Service Unavailable"
+    row = next(line for line in cli("health").stdout.splitlines() if line.startswith("stub_health "))
+    assert " healthy " in row and " closed " in row
+
+    # The parked job is released now that the breaker is closed, instead of waiting out 600 s.
+    assert dispatch_deferred.apply().get() >= 1
+    assert waiting.get(timeout=20)["status"] == "succeeded"
+    assert [h.path for h in stub.hits_for(probe)] == ["/echo/health-probe"] * 2
+
+
+def test_a_health_check_can_call_an_operation_with_params(stub: Stub) -> None:
+    before = len(stub.hits_for("health-op"))
+    assert health_check.apply(("stub_health_op",)).get() is True
+    assert len(stub.hits_for("health-op")) == before + 1
+    assert ledger.health("stub_health_op")["status"] == "healthy"

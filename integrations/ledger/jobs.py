@@ -367,6 +367,23 @@ def due_deferred(now: dt.datetime, limit: int = 1000) -> list[tuple[str, str, st
 
 
 @retried
+def release_deferred(service: str) -> int:
+    """Make every job of ``service`` parked in the ledger due now (its breaker just closed)."""
+    now = utcnow()
+    with get_engine().begin() as conn:
+        res = conn.execute(
+            update(jobs)
+            .where(
+                jobs.c.service == service,
+                jobs.c.status == JobStatus.DEFERRED,
+                jobs.c.next_attempt_at > now,
+            )
+            .values(next_attempt_at=now)
+        )
+    return int(res.rowcount)
+
+
+@retried
 def record_breaker_event(service: str, state: str, reason: str) -> None:
     with get_engine().begin() as conn:
         conn.execute(
