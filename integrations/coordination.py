@@ -21,22 +21,29 @@ from integrations.config import Rate, ServiceConfig, get_settings
 # A slot is reserved only up to max_reserve_us ahead; a caller denied further out takes nothing
 # and is parked, so reservations never run far ahead of the rate.
 # KEYS: tat, pause   ARGV: interval_us, burst, reserve, ttl_ms, max_reserve_us
-# Returns microseconds to wait: 0 = go now. A negative number is a pause (no slot taken).
+# Returns {wait_us, now_us}: wait 0 = go now; a negative wait is a pause (no slot taken).
 _ACQUIRE = """
-local pause = redis.call('PTTL', KEYS[2])
-if pause > 0 then return -pause * 1000 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local pause = redis.call('PTTL', KEYS[2])
+if pause > 0 then return {-pause * 1000, now} end
 local interval = tonumber(ARGV[1])
 local tolerance = interval * tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local new_tat = tat + interval
 local wait = new_tat - tolerance - now
-if wait > 0 and (ARGV[3] == '0' or wait > tonumber(ARGV[5])) then return wait end
+if wait > 0 and (ARGV[3] == '0' or wait > tonumber(ARGV[5])) then return {wait, now} end
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', ARGV[4])
 if wait < 0 then wait = 0 end
-return wait
+return {wait, now}
+"""
+
+# KEYS: pause   ARGV: slot_us. Returns {pause_ms, microseconds past the slot}.
+_ON_TIME = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+return {redis.call('PTTL', KEYS[1]), now - tonumber(ARGV[1])}
 """
 
 # KEYS: pause   ARGV: ms. Extends a pause, never shortens it.
@@ -56,11 +63,12 @@ def client() -> redis.Redis | None:
 
 @dataclass(frozen=True)
 class Decision:
-    """``wait`` seconds before the call may go (0: now). ``reserved``: a slot is kept for the
-    caller at that time. ``paused``: the upstream asked every worker to wait."""
+    """``wait`` seconds before the call may go (0: now). ``slot``: when a slot is kept for the
+    caller, its time on Redis's clock (microseconds). ``paused``: the upstream asked every
+    worker to wait."""
 
     wait: float
-    reserved: bool = False
+    slot: int | None = None
     paused: bool = False
 
 
@@ -68,55 +76,63 @@ def _keys(service: str) -> tuple[str, str]:
     return f"integrations:tat:{service}", f"integrations:pause:{service}"
 
 
-def acquire(service: ServiceConfig, reserve_up_to: float = 0.0, agent: str | None = None) -> Decision:
-    """Take a slot of the service's global rate limit (and of ``agent``'s own share of it, when
-    the service sets one), unless the service is paused.
-
-    A slot up to ``reserve_up_to`` seconds ahead is kept for the caller, who runs then without
-    asking again (``Decision.wait``); a caller denied further out takes nothing.
-    """
-    r = client()
-    if r is None:
-        return Decision(0.0)
-    tat_key, pause_key = _keys(service.name)
+def _limits(service: ServiceConfig, agent: str | None) -> list[tuple[str, Rate]]:
+    tat_key = _keys(service.name)[0]
     limits: list[tuple[str, Rate]] = []
     if agent is not None and service.agent_limit is not None:
         limits.append((f"{tat_key}:agent:{agent}", service.agent_limit))
     if service.global_limit is not None:
         limits.append((tat_key, service.global_limit))
+    return limits
+
+
+def acquire(service: ServiceConfig, reserve_up_to: float = 0.0, agent: str | None = None) -> Decision:
+    """Take a slot of the service's global rate limit (and of ``agent``'s own share of it, when
+    the service sets one), unless the service is paused.
+
+    A slot up to ``reserve_up_to`` seconds ahead is kept for the caller (``Decision.slot``),
+    who then runs at that time after checking :func:`on_time`; a caller denied further out
+    takes nothing.
+    """
+    r = client()
+    if r is None:
+        return Decision(0.0)
+    limits = _limits(service, agent)
+    pause_key = _keys(service.name)[1]
     if not limits:
         left_ms = int(r.pttl(pause_key))
         return Decision(left_ms / 1000, paused=True) if left_ms > 0 else Decision(0.0)
-    wait = 0.0
+    wait_us, slot = 0, 0
     for key, limit in limits:
-        d = _take(r, key, pause_key, limit, reserve_up_to)
-        if d.paused or (d.wait > 0 and not d.reserved):
-            return d
-        wait = max(wait, d.wait)
+        interval_us = int(1_000_000 / limit.per_second)
+        ttl_ms = int(interval_us * (limit.burst + 1) / 1000) + 60_000
+        max_reserve_us = int(reserve_up_to * 1_000_000)
+        args = (interval_us, limit.burst, int(max_reserve_us > 0), ttl_ms, max_reserve_us)
+        us, now = (int(x) for x in r.eval(_ACQUIRE, 2, key, pause_key, *args))
+        if us < 0:
+            return Decision(-us / 1_000_000, paused=True)
+        if us > max_reserve_us:
+            return Decision(us / 1_000_000)  # no slot taken
+        wait_us, slot = max(wait_us, us), max(slot, now + us)
     # Every slot is kept for the caller; it runs when the latest of them comes.
-    return Decision(wait, reserved=wait > 0)
+    return Decision(wait_us / 1_000_000, slot=slot if wait_us > 0 else None)
 
 
-def _take(r: redis.Redis, tat_key: str, pause_key: str, limit: Rate, reserve_up_to: float) -> Decision:
-    interval_us = int(1_000_000 / limit.per_second)
-    ttl_ms = int(interval_us * (limit.burst + 1) / 1000) + 60_000
-    max_reserve_us = int(reserve_up_to * 1_000_000)
-    us = int(
-        r.eval(
-            _ACQUIRE,
-            2,
-            tat_key,
-            pause_key,
-            interval_us,
-            limit.burst,
-            int(max_reserve_us > 0),
-            ttl_ms,
-            max_reserve_us,
-        )
-    )
-    if us < 0:
-        return Decision(-us / 1_000_000, paused=True)
-    return Decision(us / 1_000_000, reserved=us <= max_reserve_us)
+def on_time(service: ServiceConfig, slot: int, agent: str | None = None) -> Decision:
+    """Check a kept slot when its time has come: still ``Decision(0)`` if the service is not
+    paused and the caller is no later than one interval past the slot. A caller that comes
+    later (a busy worker) takes a new slot instead, so late callers never bunch up and exceed
+    the rate."""
+    r = client()
+    if r is None:
+        return Decision(0.0)
+    pause_ms, late_us = (int(x) for x in r.eval(_ON_TIME, 1, _keys(service.name)[1], slot))
+    if pause_ms > 0:
+        return Decision(pause_ms / 1000, paused=True)
+    grace_us = min((1_000_000 / limit.per_second for _, limit in _limits(service, agent)), default=0)
+    if late_us <= grace_us:
+        return Decision(0.0)
+    return acquire(service, get_settings().defer_countdown_max, agent)
 
 
 def pause(service: str, seconds: float) -> None:

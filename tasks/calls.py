@@ -89,18 +89,18 @@ call_service: CallService = app.register_task(CallService())
 _RESULT_REPR_MAX = len(repr({"job_id": "0" * 36, "status": "succeeded", "status_code": 200}))
 
 
-def run_job(self: Task, job_id: str, reserved: bool = False, agent: str | None = None) -> dict[str, Any]:
+def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None = None) -> dict[str, Any]:
     """Run one attempt of job ``job_id``; record it; succeed, retry or fail.
 
     Before the claim, the service's breaker and its global rate limits may defer the job: that
-    charges no attempt. ``reserved`` says a rate-limit slot was already taken for this run;
-    ``agent`` picks the agent's own limit.
+    charges no attempt. ``slot`` is a rate-limit slot already kept for this run (Redis clock,
+    microseconds); ``agent`` picks the agent's own limit.
     """
     svc = get_services()[self.service_name]
-    _gate(self, svc, job_id, reserved, agent)
-    if reserved and isinstance(self.request.kwargs, dict):
+    _gate(self, svc, job_id, slot, agent)
+    if slot is not None and isinstance(self.request.kwargs, dict):
         # The slot is used by this run; a retry (Celery re-sends these kwargs) takes a new one.
-        self.request.kwargs.pop("reserved", None)
+        self.request.kwargs.pop("slot", None)
     claim = ledger.claim(job_id)
     if claim is None:
         # Already running elsewhere, or finished: a redelivered message. Store no result, so
@@ -170,31 +170,32 @@ def run_job(self: Task, job_id: str, reserved: bool = False, agent: str | None =
     raise err  # autoretry_for retries TransientError with the service's backoff; others fail
 
 
-def _gate(task: Task, svc: ServiceConfig, job_id: str, reserved: bool, agent: str | None) -> None:
+def _gate(task: Task, svc: ServiceConfig, job_id: str, slot: int | None, agent: str | None) -> None:
     """Defer the job (raising Ignore) while the breaker is open, the service is paused, or
     the global rate limits have no slot for it now."""
     gate = breaker.allow(svc)
     if gate.transition:
         ledger.record_breaker_event(svc.name, gate.transition, "reset timeout passed: one probe call")
     if gate.wait > 0:
-        _defer(task, job_id, gate.wait, False, agent)
-    if reserved:
-        paused = coordination.paused_for(svc.name)
-        if paused > 0:
-            _defer(task, job_id, paused, False, agent)
-        return
-    decision = coordination.acquire(svc, get_settings().defer_countdown_max, agent)
+        _defer(task, job_id, gate.wait, None, agent)
+    if slot is not None:
+        decision = coordination.on_time(svc, slot, agent)
+    else:
+        decision = coordination.acquire(svc, get_settings().defer_countdown_max, agent)
     if decision.wait > 0:
-        _defer(task, job_id, decision.wait, decision.reserved, agent)
+        _defer(task, job_id, decision.wait, decision.slot, agent)
 
 
-def _defer(task: Task, job_id: str, wait: float, reserved: bool, agent: str | None) -> None:
+def _defer(task: Task, job_id: str, wait: float, slot: int | None, agent: str | None) -> None:
     """Run the job again in ``wait`` seconds without charging an attempt: a broker countdown
     when short, else parked in the ledger for beat's dispatcher (a long countdown on Redis
-    would outlive the visibility timeout and be delivered twice)."""
+    would outlive the visibility timeout and be delivered twice). ``slot``: the rate-limit slot
+    kept for that run."""
     settings = get_settings()
     if wait <= settings.defer_countdown_max:
-        kwargs: dict[str, Any] = {"reserved": reserved}
+        kwargs: dict[str, Any] = {}
+        if slot is not None:
+            kwargs["slot"] = slot
         if agent:
             kwargs["agent"] = agent
         task.apply_async((job_id,), kwargs, countdown=wait, task_id=job_id, retries=task.request.retries)

@@ -32,6 +32,19 @@ def call_task_name(service: str) -> str:
     return f"integrations.call.{service}"
 
 
+def rate_limit_annotations(settings: Settings, services: dict[str, ServiceConfig]) -> dict[str, Any]:
+    """Celery's own ``rate_limit`` per service task, on the embedded defaults only.
+
+    Celery's limit holds per worker instance. With a shared Redis the global limiter holds for
+    all workers at once and replaces it. The two together starve deferred jobs: a rate-limited
+    task with a countdown waits in Celery's bucket (measured: about one call a second for a
+    50/s service under a backlog).
+    """
+    if settings.coordination_url:
+        return {}
+    return {call_task_name(s.name): {"rate_limit": s.rate_limit} for s in services.values() if s.rate_limit}
+
+
 def make_app(settings: Settings, services: dict[str, ServiceConfig]) -> Celery:
     app = Celery("agent_integrations", broker=settings.broker_url, backend=settings.results_url)
     app.conf.update(
@@ -56,10 +69,7 @@ def make_app(settings: Settings, services: dict[str, ServiceConfig]) -> Celery:
             {s.name: s.health.interval for s in services.values() if s.health and s.health.enabled}
         ),
         beat_schedule_filename=str(settings.var_dir / "celerybeat-schedule"),
-        # Celery's rate limits hold per worker instance; they are the services' first line.
-        task_annotations={
-            call_task_name(s.name): {"rate_limit": s.rate_limit} for s in services.values() if s.rate_limit
-        },
+        task_annotations=rate_limit_annotations(settings, services),
     )
     return app
 

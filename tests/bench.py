@@ -5,10 +5,13 @@ concurrency, prefetch, acks_late, events, result backend), against the same loop
 
   (a) a no-op task                       -> Celery's ceiling on this machine
   (b) requests.get + one ORM insert      -> the naive baseline
-  (c) call_service end to end            -> ours, ledger rows written
+  (c) call_service end to end            -> ours, ledger rows written, with the global rate
+                                            limiter (a limit too high to bind) and the breaker
+  (u) call_service without limiter/breaker -> what the gate costs is 1 - c/u
 
 (b) and (c) run against the upstream over plain HTTP and over HTTPS (a self-signed
-certificate made for the run), since real upstreams speak TLS.
+certificate made for the run), since real upstreams speak TLS. Last, 400 jobs go to a
+service limited to 20/s (burst 5): the rate the upstream saw is printed beside it.
 
 Throughput is the worker draining a pre-filled queue: consumption is paused, N messages are
 published, consumption resumes and the clock runs until the Nth result is stored. Each kind
@@ -20,6 +23,7 @@ about 20 jobs/s.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import socket
@@ -128,6 +132,37 @@ def latency(n: int, per_second: float) -> dict[str, float]:
     return {"p50_ms": round(q[49], 2), "p99_ms": round(q[98], 2), "rate_per_s": per_second, "jobs": n}
 
 
+def limiter_accuracy(n: int) -> dict[str, Any]:
+    """Submit ``n`` jobs at once to the service limited to 20/s; measure the rate of their
+    calls from the ledger's start times (the claim comes right after the limiter's slot)."""
+    from integrations.config import get_services
+    from integrations.ledger import jobs as ledger
+    from tasks import call_service
+
+    limit = get_services()["stub_limited"].global_limit
+    assert limit is not None
+    ids = [call_service.delay("stub_limited", "echo", {"key": "lim"}).id for _ in range(n)]
+    deadline = time.monotonic() + 120
+    starts = []
+    for job_id in ids:
+        while not ((job := ledger.get_job(job_id)) and job["finished_at"]):
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: limited jobs did not finish in 120 s")
+            time.sleep(0.01)
+        starts.append(job["started_at"].timestamp())
+    starts.sort()
+    # After the burst, calls go one interval apart: (n - burst) intervals from the burst's end.
+    span = starts[-1] - starts[limit.burst - 1]
+    busiest = max(bisect.bisect_left(starts, t + 1.0) - i for i, t in enumerate(starts))
+    return {
+        "configured_per_s": limit.per_second,
+        "burst": limit.burst,
+        "jobs": n,
+        "observed_per_s": round((n - limit.burst) / span, 2),
+        "max_in_1s": busiest,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-results.json")
@@ -169,6 +204,9 @@ def main() -> None:
         "a_noop": lambda k: [noop.delay() for _ in range(k)],
         "b_naive_http": lambda k: [naive.delay(http_url + "/echo/n") for _ in range(k)],
         "c_call_service_http": lambda k: [call_service.delay("stub", "echo", {"key": "b"}) for _ in range(k)],
+        "u_ungated_http": lambda k: [
+            call_service.delay("stub_ungated", "echo", {"key": "b"}) for _ in range(k)
+        ],
         "b_naive_https": lambda k: [naive.delay(https_url + "/echo/n", str(cert)) for _ in range(k)],
         "c_call_service_https": lambda k: [
             call_service.delay("stub_tls", "echo", {"key": "b"}) for _ in range(k)
@@ -192,6 +230,7 @@ def main() -> None:
                 submits[kind].append(submit)
                 print(f"  round {i + 1}  {kind:<22} {rate:7.0f} jobs/s", flush=True)
         lat = latency(200, 20.0)
+        limiter = limiter_accuracy(400)
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(timeout=30)
@@ -210,14 +249,20 @@ def main() -> None:
         "c_over_a": round(med["c_call_service_http"] / med["a_noop"], 3),
         "c_over_b_http": round(med["c_call_service_http"] / med["b_naive_http"], 3),
         "c_over_b_https": round(med["c_call_service_https"] / med["b_naive_https"], 3),
+        "gate_overhead": round(1 - med["c_call_service_http"] / med["u_ungated_http"], 3),
         "submit_per_s": round(statistics.median(submits["c_call_service_http"]), 1),
         "latency_at_20_per_s": lat,
+        "limiter": limiter,
     }
     print()
     for k, v in med.items():
         print(f"  {k:<22} {v:7.0f} jobs/s (median)")
     print(f"  c/a = {out['c_over_a']:.2f}    c/b = {out['c_over_b_http']:.2f} (HTTP)    "
           f"c/b = {out['c_over_b_https']:.2f} (HTTPS)")  # fmt: skip
+    print(f"  limiter + breaker overhead: {out['gate_overhead']:.1%} of call_service throughput")
+    print(f"  limiter: configured {limiter['configured_per_s']:.0f}/s (burst {limiter['burst']}), "
+          f"observed {limiter['observed_per_s']:.1f}/s, "
+          f"busiest second {limiter['max_in_1s']} calls")  # fmt: skip
     print(f"  delay() from one process: {out['submit_per_s']:.0f}/s")
     print(f"  submit-to-succeeded at 20 jobs/s: p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms")
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -221,13 +221,25 @@ def test_ledger_bodies_are_bounded_and_hold_no_secret(stub: Stub, key: str) -> N
     assert TOKEN not in json.dumps(job, default=str)
 
 
-def test_celery_rate_limit_annotation_spaces_the_calls(stub: Stub, key: str) -> None:
+def test_a_rate_limit_spaces_the_calls(stub: Stub, key: str) -> None:
     results = [call_service.delay("stub_limited", "echo", {"key": key}) for _ in range(8)]
     for r in results:
         r.get(timeout=30)
     times = sorted(h.at for h in stub.hits_for(key))
     # 5/s: eight calls need at least 7 intervals of 0.2 s.
     assert times[-1] - times[0] >= 1.2
+
+
+def test_celery_rate_limit_annotations_stand_in_only_without_a_shared_redis(app: Any, tmp_path: Any) -> None:
+    from integrations.config import Settings, get_services
+    from tasks.celeryapp import make_app
+
+    assert app.conf.task_annotations == {}  # the global limiter in Redis holds for every worker
+    embedded = make_app(Settings(broker_url="filesystem://localhost/", var_dir=tmp_path), get_services())
+    annotations = embedded.conf.task_annotations
+    assert annotations["integrations.call.stub_limited"] == {"rate_limit": "5/s"}
+    assert annotations["integrations.call.stub_global"] == {"rate_limit": "20/s"}
+    assert "integrations.call.stub" not in annotations
 
 
 def test_a_redelivered_message_does_not_run_the_job_again(app: Any, stub: Stub, key: str) -> None:
