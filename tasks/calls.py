@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
@@ -128,7 +129,6 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
         )
         raise
     else:
-        _observe(svc, resp, None)
         ledger.record_attempt(
             claim,
             status=JobStatus.SUCCEEDED,
@@ -138,6 +138,7 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
             error=None,
             response_excerpt=resp.excerpt(excerpt_max),
         )
+        _observe(svc, resp, None)
         # Key order matters: see _RESULT_REPR_MAX.
         return {
             "job_id": job_id,
@@ -151,7 +152,6 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
         }
 
     resp = err.response
-    _observe(svc, resp, err)
     will_retry = err.retryable and self.request.retries < self.max_retries
     wait = err.retry_after if isinstance(err, RateLimited) else None
     ledger.record_attempt(
@@ -164,6 +164,7 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
         response_excerpt=resp.excerpt(excerpt_max) if resp is not None else None,
         next_attempt_at=started + dt.timedelta(seconds=wait) if will_retry and wait is not None else None,
     )
+    _observe(svc, resp, err)
     if will_retry and wait is not None:
         # Honour the server's Retry-After instead of our own backoff.
         raise self.retry(exc=err, countdown=wait)
@@ -205,7 +206,17 @@ def _defer(task: Task, job_id: str, wait: float, slot: int | None, agent: str | 
 
 
 def _observe(svc: ServiceConfig, resp: Any, err: CallError | None) -> None:
-    """Feed a call's outcome to the shared state: pauses for every worker and the breaker."""
+    """Feed a call's outcome to the shared state: pauses for every worker and the breaker.
+
+    Runs after the outcome is in the ledger; a Redis that is away costs the pause or the
+    breaker count, never the outcome."""
+    try:
+        _feed(svc, resp, err)
+    except redis.RedisError as e:
+        log.warning("shared state unreachable (%s); %s outcome not counted", type(e).__name__, svc.name)
+
+
+def _feed(svc: ServiceConfig, resp: Any, err: CallError | None) -> None:
     pause = err.retry_after if isinstance(err, RateLimited) else None
     if resp is not None:
         spent = http.budget_spent_for(resp)

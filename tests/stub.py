@@ -36,6 +36,8 @@ class Hit:
     headers: dict[str, str]
     body: bytes
     client_port: int
+    #: When the reply had been written (or the connection dropped): 0 while still being answered.
+    done: float = 0.0
 
 
 class Stub(ThreadingHTTPServer):
@@ -95,22 +97,30 @@ class _Handler(BaseHTTPRequestHandler):
         segments = parts.path.strip("/").split("/")
         key = segments[1] if len(segments) > 1 else ""
         srv = self.server
+        hit: Hit | None = None
         with srv.lock:
             if srv.record:
-                srv.hits.append(
-                    Hit(
-                        time.time(),
-                        self.command,
-                        parts.path,
-                        key,
-                        parse_qs(parts.query),
-                        {k.lower(): v for k, v in self.headers.items()},
-                        body,
-                        self.client_address[1],
-                    )
+                hit = Hit(
+                    time.time(),
+                    self.command,
+                    parts.path,
+                    key,
+                    parse_qs(parts.query),
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
+                    self.client_address[1],
                 )
+                srv.hits.append(hit)
             plan = srv.plans.get(key)
             reply = plan.popleft() if plan else Reply()
+        try:
+            self._reply(reply, parts.path, parts.query, body)
+        finally:
+            if hit is not None:
+                with srv.lock:
+                    hit.done = time.time()
+
+    def _reply(self, reply: Reply, path: str, query: str, body: bytes) -> None:
         if reply.delay:
             time.sleep(reply.delay)
         if reply.drop:
@@ -120,8 +130,8 @@ class _Handler(BaseHTTPRequestHandler):
         if payload is None:
             payload = {
                 "method": self.command,
-                "path": parts.path,
-                "query": parse_qs(parts.query),
+                "path": path,
+                "query": parse_qs(query),
                 "json": json.loads(body) if body else None,
             }
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
