@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Worker autoscaling range (max,min); the settings' WORKER_AUTOSCALE_MAX/MIN are the defaults.
 AUTOSCALE ?= $${WORKER_AUTOSCALE_MAX:-8},$${WORKER_AUTOSCALE_MIN:-2}
 
-.PHONY: install run worker beat flower migrate test lint bench clean
+.PHONY: install run receiver worker beat flower migrate test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,17 @@ install: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/integrations migrate
 
-# Worker and beat in one command. Embedded defaults: kombu's filesystem broker and SQLite under
-# ./var; with BROKER_URL=redis://... and DATABASE_URL=postgresql+psycopg://... the real stack.
+# The webhook receiver, a worker and beat in one command (Ctrl-C stops all three). Embedded
+# defaults: kombu's filesystem broker and SQLite under ./var; with BROKER_URL=redis://... and
+# DATABASE_URL=postgresql+psycopg://... the real stack.
 run: migrate
 	$(BIN)/integrations services
-	exec $(BIN)/celery -A tasks worker --beat --autoscale=$(AUTOSCALE) --loglevel=INFO \
+	$(BIN)/integrations receiver & receiver=$$!; trap 'kill $$receiver 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/celery -A tasks worker --beat --autoscale=$(AUTOSCALE) --loglevel=INFO \
 	    --schedule=$${VAR_DIR:-var}/celerybeat-schedule
+
+receiver: migrate
+	exec $(BIN)/integrations receiver
 
 worker: migrate
 	exec $(BIN)/celery -A tasks worker --autoscale=$(AUTOSCALE) --loglevel=INFO

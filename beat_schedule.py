@@ -20,6 +20,16 @@ SCHEDULE: dict[str, dict[str, Any]] = {
         "schedule": 60.0,
         "options": {"expires": 55.0},
     },
+    "requeue-stuck-events": {
+        "task": "integrations.requeue_stuck_events",
+        "schedule": 60.0,
+        "options": {"expires": 55.0},
+    },
+    "dispatch-due-deliveries": {
+        "task": "integrations.dispatch_deliveries",
+        "schedule": 2.0,
+        "options": {"expires": 2.0},
+    },
 }
 
 

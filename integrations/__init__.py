@@ -1,7 +1,8 @@
 """agent-integrations: a Celery backend that calls external services for AI agents.
 
 ``submit()`` is the library twin of ``tasks.call_service.delay()``; both validate, write the
-job row and publish only its id.
+job row and publish only its id. ``publish_webhook()`` sends an event to the endpoints
+subscribed to it (outgoing webhooks).
 """
 
 from __future__ import annotations
@@ -32,3 +33,19 @@ def replay(job_id: str) -> AsyncResult:
     from tasks.calls import publish
 
     return call_service.AsyncResult(replay_job(job_id, publish))
+
+
+def publish_webhook(event_type: str, data: Any) -> list[str]:
+    """Deliver an event to every endpoint subscribed to ``event_type``; return the delivery ids.
+
+    The deliveries are stored before this returns and tried at once by the workers, then on
+    the retry schedule; the same as ``tasks.publish_webhook.delay(event_type, data)``, minus
+    the wait for a worker to create them.
+    """
+    from integrations.webhooks import outgoing
+    from tasks.webhooks import deliver_webhook
+
+    ids = outgoing.publish(event_type, data)
+    for delivery_id in ids:
+        deliver_webhook.delay(delivery_id)
+    return ids

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from integrations.errors import IntegrationError
-from integrations.ledger.models import JobStatus
+from integrations.ledger.models import DeliveryStatus, JobStatus
 
 
 def _parse_value(raw: str) -> Any:
@@ -162,6 +162,95 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from integrations.webhooks.receiver import serve
+
+    serve()
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from integrations.ledger import events
+
+    if args.id:
+        for h in events.handlings_of(args.id):
+            print(
+                f"{h['handler']}: {h['status']} after {h['attempts']} tries"
+                + (f": {h['error']}" if h["error"] else "")
+            )
+        return 0
+    print(
+        _table(
+            events.list_events(args.source, args.limit),
+            ["id", "source", "event_type", "delivery_id", "received_at"],
+        )
+    )
+    return 0
+
+
+def cmd_endpoints(args: argparse.Namespace) -> int:
+    from integrations.ledger import deliveries
+    from integrations.webhooks import outgoing
+
+    if args.action == "add":
+        if not args.url:
+            raise IntegrationError("endpoints add needs a URL")
+        endpoint_id, secret = outgoing.add_endpoint(
+            args.url, args.events.split(","), args.secret, args.description
+        )
+        print(endpoint_id)
+        if not args.secret:
+            # Shown once, for the receiver to verify signatures with; no command shows it again.
+            print(f"secret: {secret}")
+        return 0
+    if args.action == "list":
+        cols = ["id", "url", "event_types", "enabled", "disabled_reason", "last_success_at", "created_at"]
+        print(_table(deliveries.list_endpoints(), cols))
+        return 0
+    if not args.url:
+        raise IntegrationError(f"endpoints {args.action} needs an endpoint id")
+    enable = args.action == "enable"
+    if not deliveries.set_enabled(args.url, enable, None if enable else "disabled by an operator"):
+        raise IntegrationError(f"no endpoint with id {args.url}")
+    print(f"{args.url} {'enabled' if enable else 'disabled'}")
+    return 0
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    from integrations.ledger import deliveries
+
+    rows = deliveries.list_deliveries(args.endpoint, args.status, args.limit)
+    cols = ["id", "endpoint_id", "event_type", "status", "attempts", "last_status_code", "next_attempt_at"]
+    print(_table(rows, [*cols, "created_at"]))
+    return 0
+
+
+def cmd_delivery(args: argparse.Namespace) -> int:
+    from integrations.ledger import deliveries
+
+    d = deliveries.get_delivery(args.id)
+    if d is None:
+        raise IntegrationError(f"no delivery with id {args.id}")
+    for key in ("id", "endpoint_id", "event_type", "status", "attempts", "next_attempt_at", "last_error"):
+        print(f"{key:>16}: {_fmt(d[key])}")
+    print("\nattempts:")
+    cols = ["number", "ok", "status_code", "duration_ms", "error", "response_excerpt", "at"]
+    print(_table(deliveries.attempts_of(args.id), cols))
+    return 0
+
+
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    from integrations.ledger import deliveries
+    from tasks.webhooks import deliver_webhook
+
+    why_not = deliveries.redeliver(args.id)
+    if why_not:
+        raise IntegrationError(f"cannot redeliver {args.id}: {why_not}")
+    deliver_webhook.delay(args.id)
+    print(f"{args.id} queued for one more try")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="integrations", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -198,6 +287,39 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(func=cmd_health)
     sub.add_parser("services", help="validate the services file and list it").set_defaults(func=cmd_services)
     sub.add_parser("migrate", help="apply the ledger's migrations").set_defaults(func=cmd_migrate)
+
+    sub.add_parser("receiver", help="serve the webhook receiver on RECEIVER_HOST:RECEIVER_PORT").set_defaults(
+        func=cmd_receiver
+    )
+    ev = sub.add_parser("events", help="incoming events, newest first; with an id, its handlings")
+    ev.add_argument("id", nargs="?")
+    ev.add_argument("--source")
+    ev.add_argument("--limit", type=int, default=20)
+    ev.set_defaults(func=cmd_events)
+
+    ep = sub.add_parser(
+        "endpoints", help="outgoing webhook endpoints: add URL --events a,b | list | disable ID"
+    )
+    ep.add_argument("action", choices=["add", "list", "disable", "enable"])
+    ep.add_argument("url", nargs="?", metavar="URL|ID")
+    ep.add_argument("--events", default="*", help="comma-separated event types, '*' wildcards (default: all)")
+    ep.add_argument("--secret", help="a whsec_ secret to sign with (default: a new one, printed once)")
+    ep.add_argument("--description")
+    ep.set_defaults(func=cmd_endpoints)
+
+    ds = sub.add_parser("deliveries", help="outgoing webhook deliveries, newest first")
+    ds.add_argument("--endpoint")
+    ds.add_argument("--status", choices=[s.value for s in DeliveryStatus])
+    ds.add_argument("--limit", type=int, default=20)
+    ds.set_defaults(func=cmd_deliveries)
+
+    one_d = sub.add_parser("delivery", help="one delivery with every attempt")
+    one_d.add_argument("id")
+    one_d.set_defaults(func=cmd_delivery)
+
+    rd = sub.add_parser("redeliver", help="try a finished delivery once more (same webhook-id)")
+    rd.add_argument("id")
+    rd.set_defaults(func=cmd_redeliver)
     return p
 
 

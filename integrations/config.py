@@ -6,22 +6,27 @@ the field and never the value, so a broken configuration cannot print a secret.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import os
 import re
 import string
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -82,6 +87,28 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
 
+    #: Where the webhook receiver listens (``integrations receiver``, started by ``make run``).
+    receiver_host: str = "127.0.0.1"
+    receiver_port: int = Field(8000, ge=1, le=65535)
+    #: A webhook body over this size is refused with 413 before it is read whole.
+    webhook_max_body_bytes: int = Field(1024 * 1024, ge=1024, le=100 * 1024 * 1024)
+    #: Modules whose ``@handler`` functions receive events, comma-separated (imported by workers).
+    event_handlers: str = ""
+    #: A failing handler is retried this many times, after about ``backoff`` * 2^n seconds
+    #: (full jitter), before its handling is recorded failed.
+    handler_max_retries: int = Field(5, ge=0, le=100)
+    handler_retry_backoff: int = Field(2, ge=1, le=3600)
+
+    #: Outgoing webhooks: seconds before each try (the first is the immediate one). After the
+    #: last, the delivery has failed. The default follows the leading delivery services.
+    webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
+    webhook_timeout: float = Field(10, gt=0, le=120)
+    #: An endpoint with no successful delivery for this long (seconds) is disabled.
+    webhook_disable_after: float = Field(5 * 86400, ge=1)
+    #: Networks outgoing deliveries may reach although they are not public (e.g. 127.0.0.0/8
+    #: in tests), comma-separated. Everything else non-public is refused (an SSRF guard).
+    webhook_allowed_networks: str = ""
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.worker_autoscale_min > self.worker_autoscale_max:
@@ -94,7 +121,29 @@ class Settings(BaseSettings):
             raise ValueError("DEFER_COUNTDOWN_MAX must be at most MAX_COUNTDOWN")
         if self.coordination_url is None and self.broker_url.startswith(("redis://", "rediss://")):
             self.coordination_url = self.broker_url
+        _ = self.retry_schedule, self.allowed_networks  # fail at start-up, not at the first delivery
         return self
+
+    @property
+    def handler_modules(self) -> list[str]:
+        return [m.strip() for m in self.event_handlers.split(",") if m.strip()]
+
+    @property
+    def retry_schedule(self) -> list[float]:
+        try:
+            steps = [float(x) for x in self.webhook_retry_schedule.split(",")]
+        except ValueError:
+            raise ValueError("WEBHOOK_RETRY_SCHEDULE must be comma-separated seconds") from None
+        if not steps or any(x < 0 for x in steps):
+            raise ValueError("WEBHOOK_RETRY_SCHEDULE must be comma-separated seconds, none negative")
+        return steps
+
+    @property
+    def allowed_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        try:
+            return tuple(ip_network(n.strip()) for n in self.webhook_allowed_networks.split(",") if n.strip())
+        except ValueError:
+            raise ValueError("WEBHOOK_ALLOWED_NETWORKS must be comma-separated networks (CIDR)") from None
 
     @property
     def results_url(self) -> str:
@@ -289,6 +338,9 @@ class ServiceConfig(_Strict):
     breaker: Breaker | None = Breaker()
     #: Allow requests to loopback, private and link-local addresses (off: an SSRF guard).
     allow_private_network: bool = False
+    #: Non-public networks this service may reach all the same (CIDRs), when
+    #: ``allow_private_network`` is off.
+    allowed_networks: tuple[IPvAnyNetwork, ...] = ()
     headers: dict[str, str] = Field(default_factory=dict)
     #: A CA bundle to trust instead of the system's (a service behind a private CA).
     ca_bundle: Path | None = None
@@ -336,6 +388,73 @@ class ServiceConfig(_Strict):
         return v.rstrip("/")
 
 
+class WebhookSource(_Strict):
+    """A sender of webhooks, received at ``POST /webhooks/{name}``.
+
+    While a secret is being rotated, put the old one in ``previous_secret``: a delivery signed
+    with either is accepted. Standard Webhooks secrets are ``whsec_`` followed by base64, and
+    ``secret`` may also list several of them separated by spaces.
+    """
+
+    name: str
+    type: Literal["github", "slack", "standard"]
+    secret: SecretStr = Field(min_length=1)
+    previous_secret: SecretStr | None = None
+
+    @property
+    def secrets(self) -> list[bytes]:
+        """The signing keys, as bytes (``whsec_`` secrets decoded)."""
+        given = [s.get_secret_value() for s in (self.secret, self.previous_secret) if s is not None]
+        if self.type == "standard":
+            return [base64.b64decode(p.removeprefix("whsec_")) for v in given for p in v.split()]
+        return [v.encode() for v in given]
+
+    @field_validator("secret", "previous_secret")
+    @classmethod
+    def _secret_form(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if v is not None and info.data.get("type") == "standard":
+            for part in v.get_secret_value().split():
+                try:
+                    if not part.startswith("whsec_") or not base64.b64decode(part[6:], validate=True):
+                        raise ValueError
+                except (ValueError, binascii.Error):
+                    raise ValueError("Standard Webhooks secrets look like whsec_<base64>") from None
+        return v
+
+
+class Mailbox(_Strict):
+    """An IMAP mailbox beat polls every ``interval`` seconds for new messages.
+
+    TLS (IMAPS, port 993) unless ``tls: false``, which is only allowed for a loopback host.
+    """
+
+    name: str
+    host: str = Field(min_length=1)
+    port: int = Field(993, ge=1, le=65535)
+    tls: bool = True
+    username: str = Field(min_length=1)
+    password: SecretStr
+    folder: str = Field("INBOX", min_length=1)
+    interval: float = Field(60, ge=1, le=86400)
+    timeout: float = Field(30, gt=0, le=300)
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _tls_off_loopback(self) -> Mailbox:
+        if not self.tls and not _is_loopback(self.host):
+            raise ValueError("tls: plain IMAP is allowed only on a loopback host")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _rate(spec: str | None, burst: int) -> Rate | None:
     if spec is None:
         return None
@@ -344,9 +463,8 @@ def _rate(spec: str | None, burst: int) -> Rate | None:
     return Rate(per_second, burst) if per_second > 0 else None
 
 
-def load_services(path: Path, settings: Settings | None = None) -> dict[str, ServiceConfig]:
-    """Read and validate the services file. Raises :class:`ConfigError` naming service and field."""
-    settings = settings or get_settings()
+def _read_services_file(path: Path) -> dict[str, Any]:
+    """The services file as a mapping, ``${VAR}`` references still unexpanded."""
     try:
         text = path.read_text()
         # ${...} is not valid inside a YAML flow mapping ({token: ${X}}); stand a plain word in
@@ -366,24 +484,62 @@ def load_services(path: Path, settings: Settings | None = None) -> dict[str, Ser
         raise ConfigError(f"services file {path}: not valid YAML{where}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("services"), dict):
         raise ConfigError(f"services file {path}: expected a mapping with a 'services' key")
-    services: dict[str, ServiceConfig] = {}
-    for name, spec in raw["services"].items():
-        where = f"services.{name}"
+    for section in ("webhooks", "mailboxes"):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ConfigError(f"services file {path}: '{section}' must be a mapping")
+    return raw
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _entries(raw: dict[str, Any], section: str, model: type[_M]) -> dict[str, _M]:
+    """Validate each ``name: {...}`` entry of a section of the services file as ``model``."""
+    out: dict[str, _M] = {}
+    for name, spec in (raw.get(section) or {}).items():
+        where = f"{section}.{name}"
         if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-            raise ConfigError(f"{where}: service names are lower-case letters, digits and '_'")
+            raise ConfigError(f"{where}: names are lower-case letters, digits and '_'")
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: expected a mapping")
-        spec = _interpolate(spec, where)
         try:
-            svc = ServiceConfig.model_validate({**spec, "name": name})
+            out[name] = model.model_validate({**_interpolate(spec, where), "name": name})
         except ValidationError as e:
             raise ConfigError(_describe(e, prefix=where + ".")) from None
+    return out
+
+
+def load_services(path: Path, settings: Settings | None = None) -> dict[str, ServiceConfig]:
+    """Read and validate the services file. Raises :class:`ConfigError` naming service and field."""
+    settings = settings or get_settings()
+    services = _entries(_read_services_file(path), "services", ServiceConfig)
+    for name, svc in services.items():
+        where = f"services.{name}"
         if svc.retry.backoff_max > settings.max_countdown:
             raise ConfigError(f"{where}.retry.backoff_max: must be at most MAX_COUNTDOWN")
         if svc.retry.retry_after_max > settings.max_countdown:
             raise ConfigError(f"{where}.retry.retry_after_max: must be at most MAX_COUNTDOWN")
-        services[name] = svc
     return services
+
+
+def load_webhooks(path: Path) -> dict[str, WebhookSource]:
+    """The incoming webhook sources of the services file (its ``webhooks:`` section)."""
+    return _entries(_read_services_file(path), "webhooks", WebhookSource)
+
+
+def load_mailboxes(path: Path) -> dict[str, Mailbox]:
+    """The IMAP mailboxes beat polls (the ``mailboxes:`` section of the services file)."""
+    return _entries(_read_services_file(path), "mailboxes", Mailbox)
+
+
+@functools.cache
+def get_webhooks() -> dict[str, WebhookSource]:
+    return load_webhooks(get_settings().services_file)
+
+
+@functools.cache
+def get_mailboxes() -> dict[str, Mailbox]:
+    return load_mailboxes(get_settings().services_file)
 
 
 @functools.cache

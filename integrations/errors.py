@@ -12,6 +12,9 @@
         +-- PermanentError           do not retry: 4xx (but 408/429), refused address, bad response
         +-- TransientError           retry with backoff: connection errors, timeouts, 408, 5xx
             +-- RateLimited          retry no earlier than ``retry_after`` seconds (429, 503)
+    +-- WebhookRefused               an incoming webhook was refused (nothing stored); ``status``
+        +-- BadSignature             401: missing or wrong signature, stale or future timestamp
+        +-- MalformedBody            400: the body or a required header does not parse
 
 Celery rebuilds a task's exception in the caller from its class and ``args``, so every class
 here is constructible from its message alone; the extra attributes are keyword-only.
@@ -76,3 +79,17 @@ class RateLimited(TransientError):
     ) -> None:
         super().__init__(message, status_code=status_code)
         self.retry_after = retry_after
+
+
+class WebhookRefused(IntegrationError):
+    """An incoming webhook was refused before anything was stored; ``status`` is the HTTP answer."""
+
+    status = 400
+
+
+class BadSignature(WebhookRefused):
+    status = 401
+
+
+class MalformedBody(WebhookRefused):
+    status = 400

@@ -15,15 +15,18 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from integrations.auth import requests_auth
-from integrations.config import ServiceConfig
+from integrations.config import Auth
 from integrations.errors import CallError, PermanentError, RateLimited, TransientError
 
 USER_AGENT = "agent-integrations/0.1"
@@ -36,6 +39,33 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
     json: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    #: A raw body, sent as is (a signed webhook: the bytes signed are the bytes sent).
+    content: bytes | None = None
+    #: Off for webhooks: a redirect is the receiver's failure, not a place to re-post to.
+    follow_redirects: bool = True
+
+
+Network = IPv4Network | IPv6Network
+
+
+class Peer(Protocol):
+    """What :func:`send` needs to know about whom it talks to: a service, or the endpoints of
+    outgoing webhooks."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def allow_private_network(self) -> bool: ...
+    @property
+    def allowed_networks(self) -> Sequence[Network]: ...
+    @property
+    def auth(self) -> Auth: ...
+    @property
+    def ca_bundle(self) -> Path | None: ...
+    @property
+    def headers(self) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -69,8 +99,9 @@ class BlockedAddress(PermanentError):
     """The request's host resolves to an address the service may not reach."""
 
 
-def check_address(url: str) -> None:
-    """Refuse hosts that resolve to loopback, private, link-local or otherwise non-global addresses.
+def check_address(url: str, allowed: Sequence[Network] = ()) -> None:
+    """Refuse hosts that resolve to loopback, private, link-local or otherwise non-global
+    addresses, except those in the ``allowed`` networks.
 
     The check resolves the name itself; a DNS answer that changes between this look-up and the
     connection (rebinding) is not caught here.
@@ -83,7 +114,7 @@ def check_address(url: str) -> None:
         raise TransientError(f"cannot resolve {host}") from e
     for info in infos:
         ip = ipaddress.ip_address(info[4][0])
-        if not ip.is_global:
+        if not ip.is_global and not any(ip in net for net in allowed):
             raise BlockedAddress(
                 f"refused to connect to {host}: it resolves to a non-public address "
                 "(set allow_private_network on the service to allow it)"
@@ -93,8 +124,12 @@ def check_address(url: str) -> None:
 class GuardedAdapter(HTTPAdapter):
     """An adapter that applies :func:`check_address` to every request it sends."""
 
+    def __init__(self, allowed: Sequence[Network] = ()) -> None:
+        super().__init__()
+        self.allowed = tuple(allowed)
+
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
-        check_address(request.url or "")
+        check_address(request.url or "", self.allowed)
         return super().send(request, *args, **kwargs)
 
 
@@ -110,7 +145,7 @@ def _reset_sessions_in_child() -> None:
 os.register_at_fork(after_in_child=_reset_sessions_in_child)
 
 
-def session_for(service: ServiceConfig) -> requests.Session:
+def session_for(service: Peer) -> requests.Session:
     """The keep-alive session of ``service`` in this thread, made on first use."""
     sessions: dict[str, requests.Session] | None = getattr(_local, "sessions", None)
     if sessions is None:
@@ -120,7 +155,7 @@ def session_for(service: ServiceConfig) -> requests.Session:
         session = requests.Session()
         # Proxies and credentials come from the services file, not from ~/.netrc or the environment.
         session.trust_env = False
-        adapter = HTTPAdapter() if service.allow_private_network else GuardedAdapter()
+        adapter = HTTPAdapter() if service.allow_private_network else GuardedAdapter(service.allowed_networks)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.auth = requests_auth(service.auth)
@@ -131,7 +166,7 @@ def session_for(service: ServiceConfig) -> requests.Session:
     return session
 
 
-def send(service: ServiceConfig, req: Request, max_bytes: int) -> Response:
+def send(service: Peer, req: Request, max_bytes: int) -> Response:
     """Send ``req`` with the service's session and timeout; return whatever status came back.
 
     Raises :class:`TransientError` for connection failures and timeouts, :class:`PermanentError`
@@ -146,6 +181,8 @@ def send(service: ServiceConfig, req: Request, max_bytes: int) -> Response:
             req.url,
             params=req.params or None,
             json=req.json,
+            data=req.content,
+            allow_redirects=req.follow_redirects,
             headers=req.headers or None,
             timeout=service.timeout,
             stream=True,

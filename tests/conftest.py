@@ -7,6 +7,7 @@ here skips.
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import sys
@@ -26,6 +27,10 @@ from stub import Stub  # noqa: E402
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TOKEN = "tok-" + uuid.uuid4().hex  # the secret the stub services use; must never leak
+# Webhook secrets of the test sources (tests/services.yaml); they must never leak either.
+GH_SECRET = "gh-" + uuid.uuid4().hex
+STD_SECRET_OLD = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+STD_SECRET_NEW = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 
 STUB = Stub().start()
 
@@ -38,6 +43,16 @@ os.environ.update(
     STUB_TOKEN=TOKEN,
     LEDGER_BODY_MAX_BYTES="512",
     RESPONSE_MAX_BYTES="65536",
+    GH_WEBHOOK_SECRET=GH_SECRET,
+    STD_WEBHOOK_SECRETS=f"{STD_SECRET_OLD} {STD_SECRET_NEW}",
+    WEBHOOK_MAX_BODY_BYTES="65536",
+    EVENT_HANDLERS="handlers_for_tests",
+    HANDLER_MAX_RETRIES="2",
+    HANDLER_RETRY_BACKOFF="1",
+    # Outgoing webhooks: a short schedule, and loopback allowed through the SSRF guard.
+    WEBHOOK_RETRY_SCHEDULE="0,1,1",
+    WEBHOOK_TIMEOUT="2",
+    WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
 )
 for _name in ("VAR_DIR", "RESULT_BACKEND_FILE", "DATABASE_URL_FILE", "BROKER_URL_FILE"):
     os.environ.pop(_name, None)

@@ -1,0 +1,1 @@
+"""Webhooks: verified incoming deliveries and signed outgoing ones."""

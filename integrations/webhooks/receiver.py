@@ -1,0 +1,109 @@
+"""The webhook receiver: an ASGI app that verifies, stores and queues incoming webhooks.
+
+``POST /webhooks/{source}`` for each source of the services file's ``webhooks:`` section.
+A verified delivery is stored once (per the sender's delivery id) and its id queued for the
+workers; the answer does not wait for the handlers. A refused request stores and queues
+nothing, and its answer names the problem, never a secret.
+
+====================  =======================================================
+202 ``accepted``      stored and queued
+200 ``duplicate``     this delivery id was stored before; not handled again
+200 challenge         Slack's ``url_verification``, answered
+400 / 401             malformed body / bad signature or timestamp
+404                   no such source
+413                   body over ``WEBHOOK_MAX_BODY_BYTES``
+503                   the ledger or the broker is down: the sender should retry
+====================  =======================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from integrations.config import WebhookSource, get_settings, get_webhooks
+from integrations.errors import WebhookRefused
+from integrations.ledger import events as ledger
+from integrations.webhooks.verify import Delivery, verify
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str], None]
+
+
+def _answer(code: int, **body: object) -> JSONResponse:
+    return JSONResponse(body, status_code=code)
+
+
+def create_app(
+    sources: dict[str, WebhookSource],
+    publish: Publish,
+    max_body: int,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """The receiver for ``sources``; ``publish(event_id)`` queues a stored event for dispatch."""
+    app = FastAPI(
+        title="agent-integrations webhook receiver", docs_url=None, redoc_url=None, openapi_url=None
+    )
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/webhooks/{source}")
+    async def receive(source: str, request: Request) -> JSONResponse:
+        src = sources.get(source)
+        if src is None:
+            return _answer(404, error=f"no webhook source named {source!r}")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body:
+            return _answer(413, error=f"body is larger than {max_body} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                return _answer(413, error=f"body is larger than {max_body} bytes")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            delivery = verify(src, headers, bytes(body), clock())
+        except WebhookRefused as e:
+            log.info("webhook for %s refused: %s", source, e)
+            return _answer(e.status, error=str(e))
+        if delivery.reply is not None:
+            return JSONResponse(delivery.reply)
+        return await run_in_threadpool(_store_and_queue, source, delivery, publish)
+
+    return app
+
+
+def _store_and_queue(source: str, delivery: Delivery, publish: Publish) -> JSONResponse:
+    try:
+        event_id = ledger.store_event(source, delivery.delivery_id, delivery.event_type, delivery.payload)
+    except Exception as e:  # the ledger is down: the sender retries later
+        log.error("webhook for %s not stored: %s", source, type(e).__name__)
+        return _answer(503, error="the ledger is unavailable; retry later")
+    if event_id is None:
+        return _answer(200, status="duplicate")
+    try:
+        publish(event_id)
+    except Exception as e:
+        log.error("webhook for %s not queued: %s", source, type(e).__name__)
+        ledger.forget_event(event_id)
+        return _answer(503, error="the queue is unavailable; retry later")
+    return _answer(202, status="accepted", event_id=event_id)
+
+
+def serve() -> None:
+    """Run the receiver with uvicorn on ``RECEIVER_HOST:RECEIVER_PORT`` (``integrations receiver``)."""
+    import uvicorn
+
+    from tasks.events import publish_event
+
+    s = get_settings()
+    app = create_app(get_webhooks(), publish_event, s.webhook_max_body_bytes)
+    uvicorn.run(app, host=s.receiver_host, port=s.receiver_port, log_level="info", access_log=False)

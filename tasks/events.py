@@ -1,0 +1,100 @@
+"""Incoming events: hand a stored event to its handlers, one task per handler.
+
+``dispatch_event(event_id)`` records one handling per matching handler and queues
+``run_handler(handling_id)`` for each; a failing handler is retried on its own with Celery's
+autoretry (exponential backoff, full jitter) and the others are not touched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from celery.utils.log import get_task_logger
+
+from integrations import events
+from integrations.config import get_settings
+from integrations.ledger import events as ledger
+from integrations.ledger.models import HandlingStatus, utcnow
+from tasks.celeryapp import app
+
+log = get_task_logger(__name__)
+
+_settings = get_settings()
+events.load_handlers(_settings.handler_modules)
+
+#: Handlers are the agents' code: any exception they raise is a failure to retry.
+RETRY_BACKOFF_MAX = 600
+HANDLER_RETRY: dict[str, Any] = {
+    "autoretry_for": (Exception,),
+    "max_retries": _settings.handler_max_retries,
+    "retry_backoff": _settings.handler_retry_backoff,
+    "retry_backoff_max": RETRY_BACKOFF_MAX,
+    "retry_jitter": True,
+}
+
+
+def publish_event(event_id: str) -> None:
+    """Queue a stored event for dispatch (the receiver and the inbox poller call this)."""
+    dispatch_event.delay(event_id)
+
+
+@app.task(name="integrations.dispatch_event", ignore_result=True)
+def dispatch_event(event_id: str) -> int:
+    event = ledger.get_event(event_id)
+    if event is None:
+        return 0
+    names = events.handlers_for(event.source, event.type)
+    pending = ledger.start_dispatch(event_id, names)
+    for handling_id in pending:
+        run_handler.delay(handling_id)
+    return len(pending)
+
+
+@app.task(bind=True, name="integrations.run_handler", ignore_result=True, **HANDLER_RETRY)
+def run_handler(self, handling_id: int) -> None:  # type: ignore[no-untyped-def]
+    claim = ledger.claim_handling(handling_id)
+    if claim is None:
+        return
+    fn = events.get_handler(claim.handler)
+    if fn is None:
+        ledger.finish_handling(handling_id, HandlingStatus.FAILED, "handler is not registered in this worker")
+        return
+    try:
+        fn(claim.event)
+    except Exception as e:
+        final = self.request.retries >= self.max_retries
+        error = f"{type(e).__name__}: {e}"[:1000]
+        ledger.finish_handling(
+            handling_id, HandlingStatus.FAILED if final else HandlingStatus.RETRYING, error
+        )
+        log.warning("handler %s failed on event %s: %s", claim.handler, claim.event.id, type(e).__name__)
+        if final:
+            return
+        raise
+    ledger.finish_handling(handling_id, HandlingStatus.SUCCEEDED)
+
+
+@app.task(name="integrations.requeue_stuck_events", ignore_result=True)
+def requeue_stuck_events() -> int:
+    """Queue again events never dispatched (receiver died between store and queue) and
+    handlings whose message was lost; the claims make a spare message harmless."""
+    s = get_settings()
+    now = utcnow()
+
+    def before(seconds: float) -> dt.datetime:
+        return now - dt.timedelta(seconds=max(s.stuck_after, seconds))
+
+    event_ids, handling_ids = ledger.stuck(
+        undispatched_before=before(0),
+        queued_before=before(0),
+        running_before=before(s.task_time_limit + 10),
+        retrying_before=before(RETRY_BACKOFF_MAX + 10),
+    )
+    for event_id in event_ids:
+        dispatch_event.delay(event_id)
+    for handling_id in handling_ids:
+        run_handler.delay(handling_id)
+    if event_ids or handling_ids:
+        log.warning("re-queued %d events and %d handlings", len(event_ids), len(handling_ids))
+    return len(event_ids) + len(handling_ids)

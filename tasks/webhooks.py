@@ -1,0 +1,34 @@
+"""Outgoing webhooks: fan an event out to the endpoints, and try each delivery when it is due.
+
+Agents call ``publish_webhook.delay(event_type, data)``. The schedule of tries lives in the
+ledger, not in broker countdowns: beat's ``dispatch_deliveries`` queues what is due.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from integrations.webhooks import outgoing
+from tasks.celeryapp import app
+
+
+@app.task(name="integrations.publish_webhook")
+def publish_webhook(event_type: str, data: Any) -> list[str]:
+    """Create one delivery per subscribed endpoint and try each at once; return their ids."""
+    ids = outgoing.publish(event_type, data)
+    for delivery_id in ids:
+        deliver_webhook.delay(delivery_id)
+    return ids
+
+
+@app.task(name="integrations.deliver_webhook", ignore_result=True)
+def deliver_webhook(delivery_id: str) -> str | None:
+    return outgoing.attempt(delivery_id)
+
+
+@app.task(name="integrations.dispatch_deliveries", ignore_result=True)
+def dispatch_deliveries() -> int:
+    due = outgoing.due_now()
+    for delivery_id in due:
+        deliver_webhook.delay(delivery_id)
+    return len(due)
