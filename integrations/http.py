@@ -117,7 +117,8 @@ def check_address(url: str, allowed: Sequence[Network] = ()) -> None:
         if not ip.is_global and not any(ip in net for net in allowed):
             raise BlockedAddress(
                 f"refused to connect to {host}: it resolves to a non-public address "
-                "(set allow_private_network on the service to allow it)"
+                "(a service allows it with allow_private_network or allowed_networks; outgoing webhooks "
+                "with WEBHOOK_ALLOWED_NETWORKS)"
             )
 
 
