@@ -10,8 +10,13 @@ concurrency, prefetch, acks_late, events, result backend), against the same loop
   (u) call_service without limiter/breaker -> what the gate costs is 1 - c/u
 
 (b) and (c) run against the upstream over plain HTTP and over HTTPS (a self-signed
-certificate made for the run), since real upstreams speak TLS. Last, 400 jobs go to a
+certificate made for the run), since real upstreams speak TLS. Then 400 jobs go to a
 service limited to 20/s (burst 5): the rate the upstream saw is printed beside it.
+
+Last, the webhook receiver: signed GitHub deliveries posted by 20 client threads to three
+uvicorn processes in turn (one worker each): a bare app answering 202 (the HTTP stack's
+ceiling), a naive receiver (HMAC check, ORM insert, delay()) and ours (verify, dedupe
+insert, queue), each BENCH_ROUNDS times, interleaved; the median counts.
 
 Throughput is the worker draining a pre-filled queue: consumption is paused, N messages are
 published, consumption resumes and the clock runs until the Nth result is stored. Each kind
@@ -95,12 +100,13 @@ def drain(app: Any, r: Any, n: int, publish: Callable[[int], object]) -> tuple[f
     """Pause consumption, publish ``n`` messages, resume; return (jobs/s drained, submits/s)."""
     for keys in iter(lambda: list(r.scan_iter("celery-task-meta-*", count=5000)), []):
         r.delete(*keys)
-    app.control.cancel_consumer(QUEUE, reply=True, timeout=5)
+    # limit=1: return at the one worker's reply, not after the whole timeout.
+    app.control.cancel_consumer(QUEUE, reply=True, timeout=5, limit=1)
     t0 = time.perf_counter()
     publish(n)
     submit_rate = n / (time.perf_counter() - t0)
     start = time.perf_counter()
-    app.control.add_consumer(QUEUE, reply=True, timeout=5)
+    app.control.add_consumer(QUEUE, reply=True, timeout=5, limit=1)
     deadline = time.monotonic() + 600
     while results_stored(r) < n:
         if time.monotonic() > deadline:
@@ -163,6 +169,72 @@ def limiter_accuracy(n: int) -> dict[str, Any]:
     }
 
 
+def post_deliveries(url: str, n: int, clients: int, secret: str) -> float:
+    """Post ``n`` signed GitHub deliveries from ``clients`` threads; return requests/s."""
+    import hashlib
+    import hmac
+    import threading
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    run = uuid.uuid4().hex[:8]
+    bodies = [json.dumps({"n": i, "ref": "refs/heads/main", "run": run}).encode() for i in range(n)]
+    local = threading.local()
+
+    def post(i: int) -> int:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        sig = "sha256=" + hmac.new(secret.encode(), bodies[i], hashlib.sha256).hexdigest()
+        headers = {"X-Hub-Signature-256": sig, "X-GitHub-Event": "push", "X-GitHub-Delivery": f"{run}-{i}",
+                   "Content-Type": "application/json"}  # fmt: skip
+        return session.post(f"{url}/webhooks/github", data=bodies[i], headers=headers, timeout=30).status_code
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        codes = list(pool.map(post, range(n)))
+    rate = n / (time.perf_counter() - t0)
+    if codes.count(202) != n:
+        raise SystemExit(f"bench: receiver at {url} answered {sorted(set(codes))}, not 202 to all")
+    return rate
+
+
+def receiver_rates(n: int, env: dict[str, str], log: Path) -> dict[str, list[float]]:
+    """Requests/s of the bare, naive and our receiver, each in its own uvicorn process."""
+    apps = {
+        "bare": ["-m", "uvicorn", "bench_receivers:bare"],
+        "naive": ["-m", "uvicorn", "bench_receivers:naive"],
+        "ours": ["-m", "uvicorn", "--factory", "integrations.webhooks.receiver:app_from_settings"],
+    }
+    rates: dict[str, list[float]] = {k: [] for k in apps}
+    for i in range(ROUNDS):
+        for name, args in apps.items():
+            port = free_port()
+            cmd = [sys.executable, *args, "--port", str(port), "--log-level", "warning", "--no-access-log"]
+            with log.open("ab") as out:
+                proc = subprocess.Popen(cmd, env=env, cwd=HERE, stdout=out, stderr=out)
+            try:
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline or proc.poll() is not None:
+                            raise SystemExit(f"bench: receiver {name} did not start; see {log}") from None
+                        time.sleep(0.1)
+                post_deliveries(f"http://127.0.0.1:{port}", 100, 20, env["BENCH_WEBHOOK_SECRET"])  # warm-up
+                rates[name].append(
+                    post_deliveries(f"http://127.0.0.1:{port}", n, 20, env["BENCH_WEBHOOK_SECRET"])
+                )
+            finally:
+                proc.terminate()
+                proc.wait(timeout=10)
+            print(f"  round {i + 1}  receiver {name:<13} {rates[name][-1]:7.0f} requests/s", flush=True)
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-results.json")
@@ -178,6 +250,7 @@ def main() -> None:
         BROKER_URL=REDIS, RESULT_BACKEND=REDIS, DATABASE_URL=PG,
         SERVICES_FILE=str(HERE / "bench_services.yaml"),
         STUB_URL=http_url, STUB_TLS_URL=https_url, STUB_CA=str(cert), STUB_TOKEN="bench-token",
+        BENCH_WEBHOOK_SECRET="bench-webhook-secret",
     )  # fmt: skip
     sys.path.insert(0, str(HERE))
     upstreams = [start_upstream(http_port), start_upstream(https_port, cert, key)]
@@ -231,6 +304,7 @@ def main() -> None:
                 print(f"  round {i + 1}  {kind:<22} {rate:7.0f} jobs/s", flush=True)
         lat = latency(200, 20.0)
         limiter = limiter_accuracy(400)
+        receivers = receiver_rates(2000, env, tmp / "receivers.log")
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(timeout=30)
@@ -253,7 +327,12 @@ def main() -> None:
         "submit_per_s": round(statistics.median(submits["c_call_service_http"]), 1),
         "latency_at_20_per_s": lat,
         "limiter": limiter,
+        "receiver_requests_per_s": {k: round(statistics.median(v), 1) for k, v in receivers.items()},
+        "receiver_runs_per_s": {k: [round(x, 1) for x in v] for k, v in receivers.items()},
     }
+    rec = out["receiver_requests_per_s"]
+    out["receiver_ours_over_bare"] = round(rec["ours"] / rec["bare"], 3)
+    out["receiver_ours_over_naive"] = round(rec["ours"] / rec["naive"], 3)
     print()
     for k, v in med.items():
         print(f"  {k:<22} {v:7.0f} jobs/s (median)")
@@ -265,6 +344,9 @@ def main() -> None:
           f"busiest second {limiter['max_in_1s']} calls")  # fmt: skip
     print(f"  delay() from one process: {out['submit_per_s']:.0f}/s")
     print(f"  submit-to-succeeded at 20 jobs/s: p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms")
+    print(f"  webhook receiver: ours {rec['ours']:.0f} requests/s, naive {rec['naive']:.0f}, "
+          f"bare {rec['bare']:.0f}; ours/bare = {out['receiver_ours_over_bare']:.2f}, "
+          f"ours/naive = {out['receiver_ours_over_naive']:.2f}")  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"figures written to {args.out}")
 

@@ -102,8 +102,15 @@ def serve() -> None:
     """Run the receiver with uvicorn on ``RECEIVER_HOST:RECEIVER_PORT`` (``integrations receiver``)."""
     import uvicorn
 
+    s = get_settings()
+    uvicorn.run(
+        app_from_settings(), host=s.receiver_host, port=s.receiver_port, log_level="info", access_log=False
+    )
+
+
+def app_from_settings() -> FastAPI:
+    """The receiver as the settings and the services file describe it (an app factory for
+    ``uvicorn --factory integrations.webhooks.receiver:app_from_settings``)."""
     from tasks.events import publish_event
 
-    s = get_settings()
-    app = create_app(get_webhooks(), publish_event, s.webhook_max_body_bytes)
-    uvicorn.run(app, host=s.receiver_host, port=s.receiver_port, log_level="info", access_log=False)
+    return create_app(get_webhooks(), publish_event, get_settings().webhook_max_body_bytes)
