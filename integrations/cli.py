@@ -173,11 +173,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     from integrations.ledger import events
 
     if args.id:
-        for h in events.handlings_of(args.id):
-            print(
-                f"{h['handler']}: {h['status']} after {h['attempts']} tries"
-                + (f": {h['error']}" if h["error"] else "")
-            )
+        print(_table(events.handlings_of(args.id), ["handler", "status", "attempts", "error", "finished_at"]))
         return 0
     print(
         _table(

@@ -47,6 +47,9 @@ os.environ.update(
     STD_WEBHOOK_SECRETS=f"{STD_SECRET_OLD} {STD_SECRET_NEW}",
     WEBHOOK_MAX_BODY_BYTES="65536",
     EVENT_HANDLERS="handlers_for_tests",
+    HANDLERS_REDIS_URL=REDIS_URL,
+    # Workers started as processes import the test handlers from here.
+    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])),
     HANDLER_MAX_RETRIES="2",
     HANDLER_RETRY_BACKOFF="1",
     # Outgoing webhooks: a short schedule, and loopback allowed through the SSRF guard.

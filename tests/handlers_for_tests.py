@@ -12,7 +12,7 @@ import redis
 
 from integrations.events import Event, handler
 
-_redis = redis.Redis.from_url(os.environ["BROKER_URL"])
+_redis = redis.Redis.from_url(os.environ["HANDLERS_REDIS_URL"])
 
 
 def runs_key(handler_name: str, event_id: str) -> str:

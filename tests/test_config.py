@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from integrations.config import BearerAuth, ServiceConfig, Settings, load_services, load_settings
+from integrations.config import (
+    BearerAuth,
+    ServiceConfig,
+    Settings,
+    load_mailboxes,
+    load_services,
+    load_settings,
+    load_webhooks,
+)
 from integrations.errors import ConfigError, InvalidParams
 
 SECRET = "s3cr3t-value-never-printed"
@@ -130,3 +138,75 @@ def test_cli_reports_a_broken_services_file_in_one_line(tmp_path: Path) -> None:
     assert out.stderr.strip().count("\n") == 0, out.stderr
     assert "services.github.rate_limit" in out.stderr
     assert "Traceback" not in out.stderr and SECRET not in out.stderr
+
+
+WEBHOOKS = """
+webhooks:
+  github: {type: github, secret: "${T_GH_WEBHOOK}", previous_secret: "${T_GH_WEBHOOK}-old"}
+  billing: {type: standard, secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw whsec_QUJDREVGR0g="}
+mailboxes:
+  support: {host: imap.example.com, username: me, password: "${T_GH_WEBHOOK}"}
+  local: {host: 127.0.0.1, port: 1143, tls: false, username: me, password: x, interval: 5}
+"""
+
+
+def test_webhook_sources_and_mailboxes_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("T_GH_TOKEN", SECRET)
+    monkeypatch.setenv("T_GH_WEBHOOK", SECRET)
+    path = write(tmp_path, GOOD + WEBHOOKS)
+    sources = load_webhooks(path)
+    assert sources["github"].secrets == [SECRET.encode(), (SECRET + "-old").encode()]
+    assert len(sources["billing"].secrets) == 2 and sources["billing"].secrets[1] == b"ABCDEFGH"
+    assert SECRET not in repr(sources)
+    boxes = load_mailboxes(path)
+    assert (boxes["support"].port, boxes["support"].tls, boxes["support"].folder) == (993, True, "INBOX")
+    assert (boxes["local"].tls, boxes["local"].interval) == (False, 5)
+    assert SECRET not in repr(boxes)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ("type: github", "type: gitlab"),
+            "webhooks.github.type: Input should be 'github', 'slack' or 'standard'",
+        ),
+        (
+            ("whsec_QUJDREVGR0g=", "QUJDREVGR0g="),
+            "webhooks.billing.secret: Standard Webhooks secrets look like",
+        ),
+        (("whsec_QUJDREVGR0g=", "whsec_***"), "webhooks.billing.secret: Standard Webhooks secrets look like"),
+        (
+            ("host: imap.example.com,", "host: imap.example.com, tls: false,"),
+            "mailboxes.support: tls: plain IMAP",
+        ),
+        (("interval: 5", "interval: 0"), "mailboxes.local.interval"),
+    ],
+)
+def test_broken_webhook_and_mailbox_sections_name_the_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: tuple[str, str], expected: str
+) -> None:
+    monkeypatch.setenv("T_GH_TOKEN", SECRET)
+    monkeypatch.setenv("T_GH_WEBHOOK", SECRET)
+    path = write(tmp_path, (GOOD + WEBHOOKS).replace(*change))
+    with pytest.raises(ConfigError) as e:
+        load_webhooks(path)
+        load_mailboxes(path)
+    assert expected in str(e.value)
+    assert SECRET not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("WEBHOOK_RETRY_SCHEDULE", "0,5,soon"),
+        ("WEBHOOK_RETRY_SCHEDULE", "0,-5"),
+        ("WEBHOOK_ALLOWED_NETWORKS", "10.0.0.0/33"),
+    ],
+)
+def test_bad_webhook_settings_are_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        load_settings()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import re
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
+import requests
 from celery import Celery
-from conftest import DATABASE_URL
+from conftest import DATABASE_URL, GH_SECRET, free_port
 from procs import BIN, cli, env_with, python, running, wait_for
 from stub import Reply, Stub
 
@@ -20,7 +25,18 @@ print(json.dumps(r.get(timeout={timeout})))
 """
 
 
-def test_make_run_serves_a_job_from_another_process_on_embedded_defaults(
+def signed_github_delivery(payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps(payload).encode()
+    headers = {
+        "X-Hub-Signature-256": "sha256=" + hmac.new(GH_SECRET.encode(), body, hashlib.sha256).hexdigest(),
+        "X-GitHub-Event": "pull_request",
+        "X-GitHub-Delivery": str(uuid.uuid4()),
+        "Content-Type": "application/json",
+    }
+    return body, headers
+
+
+def test_make_run_serves_a_job_and_a_webhook_from_other_processes_on_embedded_defaults(
     tmp_path: Path, stub: Stub, key: str
 ) -> None:
     # Embedded defaults: no BROKER_URL (kombu's filesystem transport) and SQLite, all under VAR_DIR.
@@ -31,10 +47,27 @@ def test_make_run_serves_a_job_from_another_process_on_embedded_defaults(
         DATABASE_URL=f"sqlite:///{tmp_path}/var/integrations.db",
         WORKER_AUTOSCALE_MAX=2,
         WORKER_AUTOSCALE_MIN=1,
+        RECEIVER_PORT=(port := free_port()),
     )
     log = tmp_path / "run.log"
     with running(["make", "--no-print-directory", "run"], env, log):
         wait_for(lambda: "ready." in log.read_text(), 90, "`make run` to start its worker", log)
+
+        # The receiver runs beside the worker: a signed webhook is stored and handled.
+        body, headers = signed_github_delivery({"action": "opened"})
+        r = requests.post(f"http://127.0.0.1:{port}/webhooks/gh", data=body, headers=headers, timeout=10)
+        assert r.status_code == 202, r.text
+        event_id = r.json()["event_id"]
+        handled = wait_for(
+            lambda: (
+                shown if (shown := cli("events", event_id, env=env).stdout).count("succeeded") == 3 else None
+            ),
+            60,
+            "the webhook's three handlers to succeed",
+            log,
+        )
+        assert re.search(r"handlers_for_tests.on_pull_request +succeeded +1 ", handled), handled
+
         out = python(SUBMIT.format(key=key, timeout=60), env, timeout=90)
         assert out.returncode == 0, out.stderr[-2000:]
         result = json.loads(out.stdout)

@@ -21,9 +21,10 @@ import pytest
 import redis
 import requests
 from asgi_server import serve
-from conftest import GH_SECRET, REDIS_URL, STD_SECRET_NEW, STD_SECRET_OLD, TOKEN
+from celery import Celery
+from conftest import GH_SECRET, REDIS_URL, STD_SECRET_NEW, STD_SECRET_OLD, TOKEN, free_port
 from handlers_for_tests import runs_key
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from standardwebhooks.webhooks import Webhook
 
 from integrations.config import get_settings, get_webhooks
@@ -31,7 +32,7 @@ from integrations.ledger import events as ledger
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import Event, EventHandling
 from integrations.webhooks.receiver import create_app
-from tasks.events import publish_event
+from tasks.events import publish_event, requeue_stuck_events
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -392,3 +393,49 @@ def test_a_thousand_github_deliveries_from_twenty_clients_are_each_stored_and_ha
             .where(Event.source == "gh_load", Event.delivery_id.like(f"{run}-%"))
         ).one()
     assert tuple(handled) == (1000, 1)  # one handling each, each run once
+
+
+# --- lost work and a broker that is down ----------------------------------------------------------
+
+
+def test_an_event_never_dispatched_and_a_lost_handling_are_requeued_by_the_sweeper() -> None:
+    # A receiver that died between storing and queuing leaves an event never dispatched.
+    event_id = ledger.store_event("gh", str(uuid.uuid4()), "push", {"ref": "x"})
+    assert event_id is not None
+    # A handling whose message was lost (broker emptied) stays queued.
+    other = ledger.store_event("gh", str(uuid.uuid4()), "push", {"ref": "y"})
+    assert other is not None
+    [lost] = ledger.start_dispatch(other, ["handlers_for_tests.on_anything_from_github"])
+    an_hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    with get_engine().begin() as conn:
+        conn.execute(update(Event).where(Event.id == event_id).values(received_at=an_hour_ago))
+        conn.execute(update(EventHandling).where(EventHandling.id == lost).values(updated_at=an_hour_ago))
+
+    assert requeue_stuck_events() >= 2
+    wait_for(lambda: handlings(event_id).get("on_anything_from_github", {}).get("status") == "succeeded")
+    wait_for(lambda: handlings(other).get("on_anything_from_github", {}).get("status") == "succeeded")
+    assert runs("on_anything_from_github", event_id) == runs("on_anything_from_github", other) == 1
+
+
+def test_with_the_broker_down_the_receiver_answers_503_and_keeps_nothing() -> None:
+    dead = Celery(broker=f"redis://127.0.0.1:{free_port()}/0")
+    dead.conf.broker_connection_retry = False
+    dead.conf.broker_connection_timeout = 1
+
+    def publish_to_dead_broker(event_id: str) -> None:
+        dead.send_task("integrations.dispatch_event", (event_id,), retry=False)
+
+    delivery = str(uuid.uuid4())
+    app = create_app(get_webhooks(), publish_to_dead_broker, get_settings().webhook_max_body_bytes)
+    with serve(app) as url:
+        r = github_post(url, {"action": "opened"}, delivery=delivery)
+    assert r.status_code == 503 and "retry later" in r.json()["error"]
+    with get_engine().connect() as conn:
+        n = conn.execute(
+            select(func.count()).select_from(Event).where(Event.delivery_id == delivery)
+        ).scalar_one()
+    assert n == 0
+    # The sender's redelivery, once the broker is back, is stored and handled.
+    with serve_at(time.time) as url:
+        again = github_post(url, {"action": "opened"}, delivery=delivery)
+    assert again.status_code == 202
