@@ -44,7 +44,15 @@ flower: $(STAMP)
 	FLOWER_BASIC_AUTH="$${FLOWER_USER:-admin}:$$FLOWER_PASSWORD" exec $(BIN)/celery -A tasks flower \
 	    --port=$${FLOWER_PORT:-5555} --address=$${FLOWER_ADDRESS:-127.0.0.1}
 
-test: $(STAMP)
+# The IMAP tests start their own Dovecot (tests/imap_server.py): Debian's dovecot-imapd, installed
+# here when it is missing (as root, or say how).
+DOVECOT := /usr/sbin/dovecot
+$(DOVECOT):
+	@if [ "$$(id -u)" != 0 ]; then echo "make: the IMAP tests need Dovecot: sudo apt-get install dovecot-imapd" >&2; exit 2; fi
+	apt-get update -q >/dev/null
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dovecot-imapd >/dev/null
+
+test: $(STAMP) $(DOVECOT)
 	$(BIN)/pytest
 
 lint: $(STAMP)

@@ -26,6 +26,9 @@ class TcpProxy:
         self._accepting: threading.Thread | None = None
         self.port = port
         self.accepted = 0  # connections proxied so far
+        #: Drop the connection that carries the server's answers past this many bytes (once).
+        self.cut_after_bytes: int | None = None
+        self._answered = 0
         self._listen()
 
     # -- control ---------------------------------------------------------------------------------
@@ -112,6 +115,12 @@ class TcpProxy:
                 self.accepted += 1
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
+    def drop_after(self, n: int) -> None:
+        """Drop the connection on which the server's answers pass ``n`` more bytes (once)."""
+        with self._lock:
+            self._answered = 0
+            self.cut_after_bytes = n
+
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         """Copy bytes both ways until either side closes or the proxy cuts the pair."""
         peer = {a: b, b: a}
@@ -125,6 +134,12 @@ class TcpProxy:
                     data = src.recv(65536)
                     if not data:
                         return
+                    if src is b:
+                        with self._lock:
+                            self._answered += len(data)
+                            if self.cut_after_bytes is not None and self._answered > self.cut_after_bytes:
+                                self.cut_after_bytes = None
+                                return  # mid-answer: the client sees the connection drop
                     peer[src].sendall(data)
         except (OSError, ValueError):
             return
