@@ -33,10 +33,22 @@ SCHEDULE: dict[str, dict[str, Any]] = {
 }
 
 
-def with_health_checks(intervals: Mapping[str, float]) -> dict[str, dict[str, Any]]:
-    """``SCHEDULE`` plus one health-check entry per service, from ``{service: interval}``."""
+def with_health_checks(
+    intervals: Mapping[str, float], mailboxes: Mapping[str, float] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``SCHEDULE`` plus one health-check entry per service, from ``{service: interval}``, and
+    one poll per mailbox, from ``{mailbox: interval}``."""
     return {
         **SCHEDULE,
+        **{
+            f"poll-mailbox-{mailbox}": {
+                "task": "integrations.poll_mailbox",
+                "schedule": interval,
+                "args": (mailbox,),
+                "options": {"expires": interval},
+            }
+            for mailbox, interval in sorted((mailboxes or {}).items())
+        },
         **{
             f"health-check-{service}": {
                 "task": "integrations.health_check",

@@ -3,6 +3,7 @@
 from tasks.calls import call_service
 from tasks.celeryapp import app
 from tasks.events import dispatch_event, requeue_stuck_events, run_handler
+from tasks.inbox import poll_mailbox
 from tasks.maintenance import dispatch_deferred, health_check, requeue_stuck_jobs
 from tasks.webhooks import deliver_webhook, dispatch_deliveries, publish_webhook
 
@@ -14,6 +15,7 @@ __all__ = [
     "dispatch_deliveries",
     "dispatch_event",
     "health_check",
+    "poll_mailbox",
     "publish_webhook",
     "requeue_stuck_events",
     "requeue_stuck_jobs",

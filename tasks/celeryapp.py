@@ -7,7 +7,7 @@ from typing import Any
 from celery import Celery
 
 import beat_schedule
-from integrations.config import ServiceConfig, Settings, get_services, get_settings
+from integrations.config import Mailbox, ServiceConfig, Settings, get_mailboxes, get_services, get_settings
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
@@ -45,7 +45,9 @@ def rate_limit_annotations(settings: Settings, services: dict[str, ServiceConfig
     return {call_task_name(s.name): {"rate_limit": s.rate_limit} for s in services.values() if s.rate_limit}
 
 
-def make_app(settings: Settings, services: dict[str, ServiceConfig]) -> Celery:
+def make_app(
+    settings: Settings, services: dict[str, ServiceConfig], mailboxes: dict[str, Mailbox] | None = None
+) -> Celery:
     app = Celery("agent_integrations", broker=settings.broker_url, backend=settings.results_url)
     app.conf.update(
         task_serializer="json",
@@ -66,7 +68,8 @@ def make_app(settings: Settings, services: dict[str, ServiceConfig]) -> Celery:
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
         beat_schedule=beat_schedule.with_health_checks(
-            {s.name: s.health.interval for s in services.values() if s.health and s.health.enabled}
+            {s.name: s.health.interval for s in services.values() if s.health and s.health.enabled},
+            {m.name: m.interval for m in (mailboxes or {}).values() if m.enabled},
         ),
         beat_schedule_filename=str(settings.var_dir / "celerybeat-schedule"),
         task_annotations=rate_limit_annotations(settings, services),
@@ -74,4 +77,4 @@ def make_app(settings: Settings, services: dict[str, ServiceConfig]) -> Celery:
     return app
 
 
-app = make_app(get_settings(), get_services())
+app = make_app(get_settings(), get_services(), get_mailboxes())

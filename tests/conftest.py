@@ -31,8 +31,16 @@ TOKEN = "tok-" + uuid.uuid4().hex  # the secret the stub services use; must neve
 GH_SECRET = "gh-" + uuid.uuid4().hex
 STD_SECRET_OLD = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 STD_SECRET_NEW = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+IMAP_PASSWORD = "imap-" + uuid.uuid4().hex
 
 STUB = Stub().start()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 
 os.environ.update(
     BROKER_URL=REDIS_URL,
@@ -56,6 +64,10 @@ os.environ.update(
     WEBHOOK_RETRY_SCHEDULE="0,1,1",
     WEBHOOK_TIMEOUT="2",
     WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
+    # The test Dovecot (tests/imap_server.py) listens here once a test starts it.
+    IMAP_PORT=str(free_port()),
+    IMAP_PROXY_PORT=str(free_port()),  # a TcpProxy in front of it, for the mail_cut mailbox
+    IMAP_PASSWORD=IMAP_PASSWORD,
 )
 for _name in ("VAR_DIR", "RESULT_BACKEND_FILE", "DATABASE_URL_FILE", "BROKER_URL_FILE"):
     os.environ.pop(_name, None)
@@ -119,9 +131,3 @@ def key() -> str:
     """A fresh stub key, so each test sees only its own requests."""
     # A letter first: the CLI reads key=value as JSON, and "12e45" would be a number.
     return "k" + uuid.uuid4().hex[:11]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -49,3 +49,8 @@ def on_load(event: Event) -> None:
 @handler("std:*")
 def on_standard(event: Event) -> None:
     _ran("on_standard", event)
+
+
+@handler("email:received")
+def on_email(event: Event) -> None:
+    _ran("on_email", event)
