@@ -103,6 +103,11 @@ def serve() -> None:
     import uvicorn
 
     s = get_settings()
+    sources = get_webhooks()
+    if sources:
+        log.warning("receiving webhooks at /webhooks/{%s}", ",".join(sorted(sources)))
+    else:
+        log.warning("no webhook sources: add a webhooks: section to %s", s.services_file)
     uvicorn.run(
         app_from_settings(), host=s.receiver_host, port=s.receiver_port, log_level="info", access_log=False
     )
