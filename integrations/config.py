@@ -438,6 +438,9 @@ class Mailbox(_Strict):
     interval: float = Field(60, ge=1, le=86400)
     timeout: float = Field(30, gt=0, le=300)
     enabled: bool = True
+    #: The first poll dispatches the messages already in the folder; with ``false`` it only
+    #: notes where the folder ends, and only mail arriving after it is dispatched.
+    read_existing: bool = True
 
     @model_validator(mode="after")
     def _tls_off_loopback(self) -> Mailbox:

@@ -118,6 +118,14 @@ def _poll(box: Mailbox, client: IMAPClient, publish: Publish) -> Poll:
                 cursor.uidvalidity,
                 uidvalidity,
             )
+    if cursor is None and not box.read_existing:
+        # Start at the folder's end: what is there now is not news.
+        end = int(status.get(b"UIDNEXT", 0)) - 1
+        if end < 0:
+            end = max(client.search(["ALL"]), default=0)
+        ledger.set_cursor(box.name, uidvalidity, end)
+        log.info("mailbox %s: first poll, %d existing messages left alone", box.name, end)
+        return Poll(box.name, uidvalidity=uidvalidity, last_uid=end)
     # "n:*" always matches the last message, even when its UID is below n (RFC 9051, 6.4.8).
     uids = sorted(u for u in client.search(["UID", f"{last + 1}:*"]) if u > last)[:BATCH]
     sizes = {u: int(d.get(b"RFC822.SIZE", 0)) for u, d in client.fetch(uids, ["RFC822.SIZE"]).items()}

@@ -191,6 +191,17 @@ def test_each_message_is_dispatched_once_across_repeated_polls(imap: ImapServer)
     assert get_cursor("mail_repeat") == (imap.uidvalidity("Repeat"), 5)
 
 
+def test_with_read_existing_off_the_first_poll_leaves_the_old_mail_alone(imap: ImapServer) -> None:
+    for i in range(2):
+        imap.append("Fresh", message(f"old {i}"))
+    assert poll("mail_fresh").result == {"skipped": False, "fetched": 0, "dispatched": 0, "duplicates": 0}
+    assert get_cursor("mail_fresh") == (imap.uidvalidity("Fresh"), 2)
+    imap.append("Fresh", message("new"))
+    assert poll("mail_fresh").result == {"skipped": False, "fetched": 1, "dispatched": 1, "duplicates": 0}
+    assert subjects("mail_fresh") == ["new"]
+    handled_once(emails("mail_fresh"))
+
+
 def test_the_event_carries_headers_text_and_attachment_metadata(imap: ImapServer) -> None:
     m = EmailMessage()
     m["From"] = "Ada Lovelace <ada@example.com>"
