@@ -33,29 +33,26 @@ SCHEDULE: dict[str, dict[str, Any]] = {
 }
 
 
-def with_health_checks(
-    intervals: Mapping[str, float], mailboxes: Mapping[str, float] | None = None
+def _every(task: str, intervals: Mapping[str, float], prefix: str) -> dict[str, dict[str, Any]]:
+    """One entry per name: ``task(name)`` every ``interval`` seconds, expiring after one."""
+    return {
+        f"{prefix}-{name}": {
+            "task": task,
+            "schedule": interval,
+            "args": (name,),
+            "options": {"expires": interval},
+        }
+        for name, interval in sorted(intervals.items())
+    }
+
+
+def build(
+    health_checks: Mapping[str, float], mailboxes: Mapping[str, float] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """``SCHEDULE`` plus one health-check entry per service, from ``{service: interval}``, and
-    one poll per mailbox, from ``{mailbox: interval}``."""
+    """``SCHEDULE`` plus a health check per service (``{service: interval}``) and a poll per
+    mailbox (``{mailbox: interval}``)."""
     return {
         **SCHEDULE,
-        **{
-            f"poll-mailbox-{mailbox}": {
-                "task": "integrations.poll_mailbox",
-                "schedule": interval,
-                "args": (mailbox,),
-                "options": {"expires": interval},
-            }
-            for mailbox, interval in sorted((mailboxes or {}).items())
-        },
-        **{
-            f"health-check-{service}": {
-                "task": "integrations.health_check",
-                "schedule": interval,
-                "args": (service,),
-                "options": {"expires": interval},
-            }
-            for service, interval in sorted(intervals.items())
-        },
+        **_every("integrations.health_check", health_checks, "health-check"),
+        **_every("integrations.poll_mailbox", mailboxes or {}, "poll-mailbox"),
     }

@@ -67,7 +67,7 @@ def make_app(
         # Flower builds its task list from events; they carry only task names and job ids.
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
-        beat_schedule=beat_schedule.with_health_checks(
+        beat_schedule=beat_schedule.build(
             {s.name: s.health.interval for s in services.values() if s.health and s.health.enabled},
             {m.name: m.interval for m in (mailboxes or {}).values() if m.enabled},
         ),
