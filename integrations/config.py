@@ -404,14 +404,17 @@ class WebhookSource(_Strict):
     @property
     def secrets(self) -> list[bytes]:
         """The signing keys, as bytes (``whsec_`` secrets decoded)."""
-        given = [s.get_secret_value() for s in (self.secret, self.previous_secret) if s is not None]
+        given = [s.get_secret_value().strip() for s in (self.secret, self.previous_secret) if s is not None]
         if self.type == "standard":
             return [base64.b64decode(p.removeprefix("whsec_")) for v in given for p in v.split()]
-        return [v.encode() for v in given]
+        return [v.encode() for v in given if v]
 
     @field_validator("secret", "previous_secret")
     @classmethod
     def _secret_form(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # An empty key is one every sender can sign with: refuse it, whatever left it empty.
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("must not be empty")
         if v is not None and info.data.get("type") == "standard":
             for part in v.get_secret_value().split():
                 try:
@@ -501,8 +504,8 @@ def _entries(raw: dict[str, Any], section: str, model: type[_M]) -> dict[str, _M
     out: dict[str, _M] = {}
     for name, spec in (raw.get(section) or {}).items():
         where = f"{section}.{name}"
-        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-            raise ConfigError(f"{where}: names are lower-case letters, digits and '_'")
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", name):
+            raise ConfigError(f"{where}: names are lower-case letters, digits and '_', at most 63")
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: expected a mapping")
         try:
