@@ -188,7 +188,8 @@ def send(service: Peer, req: Request, max_bytes: int) -> Response:
             timeout=service.timeout,
             stream=True,
         ) as r:
-            declared = int(r.headers.get("content-length") or 0)
+            length = r.headers.get("content-length", "").strip()
+            declared = int(length) if length.isdigit() else 0
             if declared > max_bytes:
                 raise PermanentError(f"response from {host} is larger than {max_bytes} bytes")
             body = r.raw.read(max_bytes + 1, decode_content=True)

@@ -116,6 +116,10 @@ def test_a_receiver_down_then_500_then_200_gets_it_on_the_scheduled_try(
     receiver = Stub(port=port).start()
     try:
         receiver.plan(key, Reply(500))
+        # Due again after the schedule's step; beat's dispatcher queues it once, not on every tick.
+        wait_for(lambda: delivery(delivery_id)["next_attempt_at"] <= dt.datetime.now(dt.UTC))
+        assert dispatch_deliveries() == 1
+        assert dispatch_deliveries() == 0
         wait_for(settled(delivery_id), drive=True)
         hits = receiver.hits_for(key)
     finally:
@@ -197,22 +201,42 @@ def test_a_redirect_and_a_timeout_are_failures(
     assert stub.hits_for(f"{key}-moved") == []  # the redirect was not followed
 
 
-def test_an_endpoint_without_success_for_too_long_is_disabled(
+def test_an_endpoint_failing_for_too_long_is_disabled_but_a_quiet_one_is_not(
     stub: Stub, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    endpoint_id, _ = add_endpoint(f"{stub.url}/echo/{key}", f"{key}.*", capsys)
-    with get_engine().begin() as conn:  # it was added six days ago and never answered 2xx
+    six_days_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=6)
+    quiet_id, _ = add_endpoint(f"{stub.url}/echo/{key}q", f"{key}q.*", capsys)
+    failing_id, _ = add_endpoint(f"{stub.url}/echo/{key}", f"{key}.*", capsys)
+    with get_engine().begin() as conn:
+        # Both added six days ago; one has been failing since, the other had nothing to receive.
+        conn.execute(update(Endpoint).where(Endpoint.id == quiet_id).values(created_at=six_days_ago))
         conn.execute(
             update(Endpoint)
-            .where(Endpoint.id == endpoint_id)
-            .values(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=6))
+            .where(Endpoint.id == failing_id)
+            .values(created_at=six_days_ago, failing_since=six_days_ago)
         )
     stub.plan(key, Reply(500))
-    [delivery_id] = publish_webhook.delay(f"{key}.created", {}).get(timeout=10)
-    wait_for(settled(delivery_id))
-    assert (delivery(delivery_id)["status"], delivery(delivery_id)["attempts"]) == ("failed", 1)
-    row = next(e for e in ledger.list_endpoints() if e["id"] == endpoint_id)
-    assert row["enabled"] is False and "no successful delivery" in row["disabled_reason"]
+    stub.plan(key + "q", Reply(500))
+    [failing] = publish_webhook.delay(f"{key}.created", {}).get(timeout=10)
+    [quiet] = publish_webhook.delay(f"{key}q.created", {}).get(timeout=10)
+    wait_for(settled(failing))
+    wait_for(lambda: delivery(quiet)["attempts"] == 1 and delivery(quiet)["status"] == "pending")
+    assert (delivery(failing)["status"], delivery(failing)["attempts"]) == ("failed", 1)
+    rows = {e["id"]: e for e in ledger.list_endpoints()}
+    assert (
+        rows[failing_id]["enabled"] is False
+        and "no successful delivery" in rows[failing_id]["disabled_reason"]
+    )
+    # The quiet one failed once: it keeps its schedule, and its failing time starts now.
+    assert rows[quiet_id]["enabled"] is True and rows[quiet_id]["failing_since"] is not None
+    wait_for(settled(quiet), drive=True)
+    assert delivery(quiet)["status"] == "succeeded"
+    assert next(e for e in ledger.list_endpoints() if e["id"] == quiet_id)["failing_since"] is None
+
+    # Enabled again by an operator, the endpoint's failing time starts over.
+    assert cli(["endpoints", "enable", failing_id]) == 0
+    capsys.readouterr()
+    assert next(e for e in ledger.list_endpoints() if e["id"] == failing_id)["failing_since"] is None
 
 
 def test_the_ssrf_guard_refuses_a_private_address_outside_the_allow_list(

@@ -62,6 +62,7 @@ def set_enabled(endpoint_id: str, enabled: bool, reason: str | None = None) -> b
             update(endpoints)
             .where(endpoints.c.id == endpoint_id)
             .values(enabled=enabled, disabled_reason=None if enabled else reason)
+            .values(**({"failing_since": None} if enabled else {}))
         )
     return bool(done.rowcount)
 
@@ -79,6 +80,7 @@ def create_deliveries(event_type: str, body: str, endpoint_ids: list[str]) -> li
             "status": DeliveryStatus.PENDING,
             "attempts": 0,
             "next_attempt_at": now,
+            "queued_at": now,  # the publisher queues the first try at once
             "created_at": now,
             "updated_at": now,
         }
@@ -99,8 +101,8 @@ class DeliveryClaim:
     url: str
     secret: str
     enabled: bool
-    #: The endpoint's last success, or its creation when it never had one.
-    last_success_at: dt.datetime
+    #: The endpoint's first failure since its last success; ``None`` while it is healthy.
+    failing_since: dt.datetime | None
 
 
 @retried
@@ -117,12 +119,10 @@ def claim(delivery_id: str, now: dt.datetime) -> DeliveryClaim | None:
         if row is None:
             return None
         ep = conn.execute(
-            select(
-                e.url, e.secret, e.enabled, func.coalesce(e.last_success_at, e.created_at).label("since")
-            ).where(e.id == row.endpoint_id)
+            select(e.url, e.secret, e.enabled, e.failing_since).where(e.id == row.endpoint_id)
         ).one()
     return DeliveryClaim(
-        delivery_id, row.attempts, row.body, row.endpoint_id, ep.url, ep.secret, ep.enabled, ep.since
+        delivery_id, row.attempts, row.body, row.endpoint_id, ep.url, ep.secret, ep.enabled, ep.failing_since
     )
 
 
@@ -136,9 +136,10 @@ def record(
     error: str | None,
     excerpt: str | None,
     next_attempt_at: dt.datetime | None,
-) -> str:
+) -> str | None:
     """Record one try and settle the delivery: succeeded, pending again (``next_attempt_at``) or
-    failed. Returns the delivery's new status."""
+    failed. Returns the delivery's new status; ``None`` when the try was no longer the
+    delivery's current one (its worker was presumed lost and the delivery tried again)."""
     now = utcnow()
     if ok:
         status = DeliveryStatus.SUCCEEDED
@@ -146,6 +147,7 @@ def record(
         status = DeliveryStatus.PENDING
     else:
         status = DeliveryStatus.FAILED
+    d, e = deliveries.c, endpoints.c
     with get_engine().begin() as conn:
         if not conn.execute(
             select(attempts.c.id).where(
@@ -165,43 +167,77 @@ def record(
                     "at": now,
                 },
             )
-        conn.execute(
+        settled = conn.execute(
             update(deliveries)
-            .where(deliveries.c.id == claim.delivery_id)
+            .where(
+                d.id == claim.delivery_id,
+                d.status == DeliveryStatus.SENDING,
+                d.attempts == claim.attempt,
+            )
             .values(
                 status=status,
                 next_attempt_at=next_attempt_at,
+                queued_at=None,
                 last_status_code=status_code,
                 last_error=error,
                 updated_at=now,
                 finished_at=None if status == DeliveryStatus.PENDING else now,
             )
         )
+        endpoint = update(endpoints).where(e.id == claim.endpoint_id)
         if ok:
-            conn.execute(
-                update(endpoints).where(endpoints.c.id == claim.endpoint_id).values(last_success_at=now)
-            )
-    return status
+            conn.execute(endpoint.values(last_success_at=now, failing_since=None))
+        else:
+            conn.execute(endpoint.values(failing_since=func.coalesce(e.failing_since, now)))
+    return status if settled.rowcount else None
 
 
-def due(now: dt.datetime, sending_before: dt.datetime, limit: int = 1000) -> list[str]:
-    """Deliveries whose next try is due, oldest first. A try whose worker died (sending since
-    before ``sending_before``) is made due again."""
+def due(
+    now: dt.datetime,
+    sending_before: dt.datetime,
+    queued_before: dt.datetime,
+    max_attempts: int,
+    limit: int = 1000,
+) -> list[str]:
+    """Deliveries whose next try is due and not already on the queue (or queued before
+    ``queued_before`` and still not taken), oldest first; they are marked queued.
+
+    A try whose worker was lost (sending since before ``sending_before``) is due again, unless
+    it was the last try of the schedule: then the delivery has failed.
+    """
     d = deliveries.c
+    lost = (d.status == DeliveryStatus.SENDING) & (d.updated_at < sending_before)
     with get_engine().begin() as conn:
         conn.execute(
             update(deliveries)
-            .where(d.status == DeliveryStatus.SENDING, d.updated_at < sending_before)
-            .values(status=DeliveryStatus.PENDING, next_attempt_at=now, updated_at=now)
+            .where(lost, d.attempts >= max_attempts)
+            .values(
+                status=DeliveryStatus.FAILED,
+                last_error="the worker was lost during the last try",
+                updated_at=now,
+                finished_at=now,
+            )
         )
-        return list(
+        conn.execute(
+            update(deliveries)
+            .where(lost)
+            .values(status=DeliveryStatus.PENDING, next_attempt_at=now, queued_at=None, updated_at=now)
+        )
+        ids = list(
             conn.execute(
                 select(d.id)
-                .where(d.status == DeliveryStatus.PENDING, d.next_attempt_at <= now)
+                .where(
+                    d.status == DeliveryStatus.PENDING,
+                    d.next_attempt_at <= now,
+                    d.queued_at.is_(None) | (d.queued_at < queued_before),
+                )
                 .order_by(d.next_attempt_at)
                 .limit(limit)
             ).scalars()
         )
+        if ids:
+            conn.execute(update(deliveries).where(d.id.in_(ids)).values(queued_at=now))
+    return ids
 
 
 def redeliver(delivery_id: str) -> str | None:
@@ -220,7 +256,13 @@ def redeliver(delivery_id: str) -> str | None:
         done = conn.execute(
             update(deliveries)
             .where(d.id == delivery_id, d.status.in_((DeliveryStatus.SUCCEEDED, DeliveryStatus.FAILED)))
-            .values(status=DeliveryStatus.PENDING, next_attempt_at=now, finished_at=None, updated_at=now)
+            .values(
+                status=DeliveryStatus.PENDING,
+                next_attempt_at=now,
+                queued_at=now,
+                finished_at=None,
+                updated_at=now,
+            )
         )
         if not done.rowcount:
             return "it is still being delivered"

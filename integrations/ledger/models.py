@@ -197,6 +197,8 @@ class Endpoint(Base):
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     last_success_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    #: The first failure since the last success (or since it was enabled); None while healthy.
+    failing_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
 class DeliveryStatus(StrEnum):
@@ -223,6 +225,8 @@ class Delivery(Base):
     status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    #: When its try was last put on the queue: the dispatcher does not queue it again meanwhile.
+    queued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

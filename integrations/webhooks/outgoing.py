@@ -6,7 +6,7 @@ id, the same on every try), ``webhook-timestamp`` and ``webhook-signature``, thr
 HTTP choke point (timeouts, SSRF guard, bounded response). 2xx is success; anything else,
 including 3xx and timeouts, is a failure tried again after the next step of
 ``WEBHOOK_RETRY_SCHEDULE``, or after ``Retry-After`` for 429, 502 and 504. 410 Gone disables
-the endpoint; so does no success for ``WEBHOOK_DISABLE_AFTER``.
+the endpoint; so does failing without a success for ``WEBHOOK_DISABLE_AFTER``.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def publish(event_type: str, data: Any) -> list[str]:
 
 def attempt(delivery_id: str) -> str | None:
     """Make one try of a due delivery and record it; return its new status (``None``: not due,
-    or taken by another worker)."""
+    taken by another worker, or superseded while it ran)."""
     s = get_settings()
     now = utcnow()
     claim = ledger.claim(delivery_id, now)
@@ -138,22 +138,26 @@ def attempt(delivery_id: str) -> str | None:
             retry_after = http.parse_retry_after(resp.headers.get("retry-after"))
     except CallError as e:
         error = str(e)
+    except Exception as e:  # a malformed answer, the soft time limit: still one failed try
+        error = f"the try failed ({type(e).__name__})"
     duration_ms = (time.perf_counter() - t0) * 1000
     ok = error is None
 
     next_at: dt.datetime | None = None
     if not ok:
-        next_at = _next_try(s, claim.attempt, retry_after, now)
+        done = utcnow()  # steps and Retry-After count from the answer, not from the request
+        next_at = _next_try(s, claim.attempt, retry_after, done)
+        failing_for = done - (claim.failing_since or done)
         if code == 410:
             next_at = None
             ledger.set_enabled(claim.endpoint_id, False, "the endpoint answered 410 Gone")
             log.warning("endpoint %s disabled: it answered 410 Gone", claim.endpoint_id)
-        elif now - claim.last_success_at > dt.timedelta(seconds=s.webhook_disable_after):
+        elif failing_for > dt.timedelta(seconds=s.webhook_disable_after):
             next_at = None
             ledger.set_enabled(
                 claim.endpoint_id, False, f"no successful delivery for {s.webhook_disable_after:.0f} seconds"
             )
-            log.warning("endpoint %s disabled: no success for too long", claim.endpoint_id)
+            log.warning("endpoint %s disabled: failing for too long", claim.endpoint_id)
     return ledger.record(
         claim,
         ok=ok,
@@ -181,4 +185,10 @@ def due_now() -> list[str]:
     """Deliveries due for a try (beat's dispatcher queues them)."""
     s = get_settings()
     now = utcnow()
-    return ledger.due(now, sending_before=now - dt.timedelta(seconds=s.webhook_timeout + s.task_time_limit))
+    return ledger.due(
+        now,
+        sending_before=now - dt.timedelta(seconds=s.webhook_timeout + s.task_time_limit),
+        # A queued try not taken within a minute (lost message, workers far behind) is queued again.
+        queued_before=now - dt.timedelta(seconds=60),
+        max_attempts=len(s.retry_schedule),
+    )

@@ -25,7 +25,7 @@ def upgrade() -> None:
         sa.Column("source", sa.String(100), nullable=False),
         sa.Column("event_type", sa.String(200), nullable=False),
         sa.Column("delivery_id", sa.String(255), nullable=False),
-        sa.Column("payload", sa.JSON(), nullable=True),
+        sa.Column("payload", sa.JSON(), nullable=False),
         sa.Column("received_at", UTCDateTime(), nullable=False),
         sa.Column("dispatched_at", UTCDateTime(), nullable=True),
     )
@@ -58,6 +58,7 @@ def upgrade() -> None:
         sa.Column("disabled_reason", sa.Text(), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("last_success_at", UTCDateTime(), nullable=True),
+        sa.Column("failing_since", UTCDateTime(), nullable=True),
     )
     op.create_table(
         "deliveries",
@@ -70,6 +71,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("next_attempt_at", UTCDateTime(), nullable=True),
+        sa.Column("queued_at", UTCDateTime(), nullable=True),
         sa.Column("last_status_code", sa.Integer(), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False),
