@@ -46,7 +46,10 @@ def handler(pattern: str) -> Callable[[Handler], Handler]:
         raise ConfigError(f"handler pattern {pattern!r}: expected source:type, e.g. github:push or slack:*")
 
     def register(fn: Handler) -> Handler:
-        _registry[f"{fn.__module__}.{fn.__qualname__}"] = (pattern, fn)
+        name = f"{fn.__module__}.{fn.__qualname__}"
+        if len(name) > 255:  # the ledger's column
+            raise ConfigError(f"handler name {name[:60]}... is longer than 255 characters")
+        _registry[name] = (pattern, fn)
         return fn
 
     return register

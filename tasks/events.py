@@ -63,7 +63,9 @@ def run_handler(self, handling_id: int) -> None:  # type: ignore[no-untyped-def]
     try:
         fn(claim.event)
     except Exception as e:
-        final = self.request.retries >= self.max_retries
+        # Counted in the ledger, not by Celery: a handling re-queued by the sweeper starts
+        # Celery's count again, and must still stop after its tries.
+        final = claim.attempt > self.max_retries
         error = f"{type(e).__name__}: {e}"[:1000]
         ledger.finish_handling(
             handling_id, HandlingStatus.FAILED if final else HandlingStatus.RETRYING, error

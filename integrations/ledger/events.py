@@ -117,7 +117,8 @@ def finish_handling(handling_id: int, status: HandlingStatus, error: str | None 
     with get_engine().begin() as conn:
         conn.execute(
             update(handlings)
-            .where(handlings.c.id == handling_id)
+            # Only the try that holds it: a stale worker's late word changes nothing.
+            .where(handlings.c.id == handling_id, handlings.c.status == HandlingStatus.RUNNING)
             .values(status=status, error=error, updated_at=now, finished_at=now if done else None)
         )
 
@@ -167,7 +168,8 @@ def stuck(
             # A running handling whose worker died is run again.
             conn.execute(
                 update(handlings)
-                .where(h.id.in_(ids), h.status == HandlingStatus.RUNNING)
+                # Still stale: one claimed since the SELECT is running for real.
+                .where(h.id.in_(ids), h.status == HandlingStatus.RUNNING, h.updated_at < running_before)
                 .values(status=HandlingStatus.RETRYING, updated_at=utcnow())
             )
     return event_ids, ids

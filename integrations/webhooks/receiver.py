@@ -6,14 +6,17 @@ workers; the answer does not wait for the handlers. A refused request stores and
 nothing, and its answer names the problem, never a secret.
 
 ====================  =======================================================
-202 ``accepted``      stored and queued
+202 ``accepted``      stored and queued (200 for Slack, which asks for it)
 200 ``duplicate``     this delivery id was stored before; not handled again
 200 challenge         Slack's ``url_verification``, answered
 400 / 401             malformed body / bad signature or timestamp
 404                   no such source
 413                   body over ``WEBHOOK_MAX_BODY_BYTES``
-503                   the ledger or the broker is down: the sender should retry
+503                   the ledger is down: the sender should retry
 ====================  =======================================================
+
+With the broker down, a stored event is still accepted: beat's ``requeue_stuck_events``
+dispatches it once the broker is back.
 """
 
 from __future__ import annotations
@@ -76,12 +79,14 @@ def create_app(
             return _answer(e.status, error=str(e))
         if delivery.reply is not None:
             return JSONResponse(delivery.reply)
-        return await run_in_threadpool(_store_and_queue, source, delivery, publish)
+        # Slack asks for 200 (https://api.slack.com/apis/events-api#responding); others get 202.
+        accepted = 200 if src.type == "slack" else 202
+        return await run_in_threadpool(_store_and_queue, source, delivery, publish, accepted)
 
     return app
 
 
-def _store_and_queue(source: str, delivery: Delivery, publish: Publish) -> JSONResponse:
+def _store_and_queue(source: str, delivery: Delivery, publish: Publish, accepted: int) -> JSONResponse:
     try:
         event_id = ledger.store_event(source, delivery.delivery_id, delivery.event_type, delivery.payload)
     except Exception as e:  # the ledger is down: the sender retries later
@@ -92,10 +97,10 @@ def _store_and_queue(source: str, delivery: Delivery, publish: Publish) -> JSONR
     try:
         publish(event_id)
     except Exception as e:
-        log.error("webhook for %s not queued: %s", source, type(e).__name__)
-        ledger.forget_event(event_id)
-        return _answer(503, error="the queue is unavailable; retry later")
-    return _answer(202, status="accepted", event_id=event_id)
+        # Stored, so accepted: beat's sweeper dispatches events never dispatched. (Removing the
+        # row instead would race with a redelivery answered "duplicate" meanwhile.)
+        log.error("webhook for %s stored but not queued (%s); the sweeper will", source, type(e).__name__)
+    return _answer(accepted, status="accepted", event_id=event_id)
 
 
 def serve() -> None:
