@@ -59,6 +59,8 @@ BATCH = 100
 #: One FETCH asks for at most this many messages and, unless one message is larger, bytes.
 FETCH_CHUNK = 10
 FETCH_BYTES = 1024 * 1024
+#: Bytes of mail one poll reads at most (a larger message goes alone).
+POLL_BYTES = 50 * 1024 * 1024
 #: Of a larger message only the headers are fetched (its event says ``truncated``).
 MESSAGE_MAX_BYTES = 32 * 1024 * 1024
 #: Text kept of a message's body in its event.
@@ -113,22 +115,32 @@ def _poll(box: Mailbox, client: IMAPClient, publish: Publish) -> Poll:
             last = cursor.last_uid
         else:
             log.warning(
-                "mailbox %s: UIDVALIDITY changed from %d to %d; reading the folder again from the start",
+                "mailbox %s: UIDVALIDITY changed from %d to %d; the cursor starts over",
                 box.name,
                 cursor.uidvalidity,
                 uidvalidity,
             )
-    if cursor is None and not box.read_existing:
-        # Start at the folder's end: what is there now is not news.
+    if last == 0 and not box.read_existing:
+        # Start at the folder's end: what is there now is not news. After a UIDVALIDITY change
+        # too (the old mail was never stored): mail that came in since the last poll and before
+        # the renumbering is then not dispatched, which the warning above announces.
         end = int(status.get(b"UIDNEXT", 0)) - 1
         if end < 0:
             end = max(client.search(["ALL"]), default=0)
         ledger.set_cursor(box.name, uidvalidity, end)
-        log.info("mailbox %s: first poll, %d existing messages left alone", box.name, end)
+        log.info("mailbox %s: starting after UID %d; earlier messages left alone", box.name, end)
         return Poll(box.name, uidvalidity=uidvalidity, last_uid=end)
     # "n:*" always matches the last message, even when its UID is below n (RFC 9051, 6.4.8).
     uids = sorted(u for u in client.search(["UID", f"{last + 1}:*"]) if u > last)[:BATCH]
     sizes = {u: int(d.get(b"RFC822.SIZE", 0)) for u, d in client.fetch(uids, ["RFC822.SIZE"]).items()}
+    # A poll reads at most POLL_BYTES (one larger message alone), so it ends well within the
+    # task's time limit and the cursor moves; the rest waits for the next poll.
+    total = 0
+    for n, uid in enumerate(uids):
+        total += min(sizes.get(uid, 0), MESSAGE_MAX_BYTES)
+        if n and total > POLL_BYTES:
+            uids = uids[:n]
+            break
     dispatched = duplicates = 0
     for chunk in _chunks(uids, sizes):
         whole = len(chunk) > 1 or sizes.get(chunk[0], 0) <= MESSAGE_MAX_BYTES
