@@ -114,12 +114,30 @@ def check_address(url: str, allowed: Sequence[Network] = ()) -> None:
         raise TransientError(f"cannot resolve {host}") from e
     for info in infos:
         ip = ipaddress.ip_address(info[4][0])
-        if not ip.is_global and not any(ip in net for net in allowed):
+        inner = _embedded_ipv4(ip)
+        public = ip.is_global and (inner is None or inner.is_global)
+        if not public and not any(ip in net or (inner is not None and inner in net) for net in allowed):
             raise BlockedAddress(
                 f"refused to connect to {host}: it resolves to a non-public address "
                 "(a service allows it with allow_private_network or allowed_networks; outgoing webhooks "
                 "with WEBHOOK_ALLOWED_NETWORKS)"
             )
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped ::ffff:a.b.c.d, compatible ::a.b.c.d,
+    NAT64 64:ff9b::a.b.c.d), which Python may call global whatever the IPv4 address is."""
+    if ip.version != 6:
+        return None
+    assert isinstance(ip, ipaddress.IPv6Address)
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64 or int(ip) >> 32 == 0:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 class GuardedAdapter(HTTPAdapter):

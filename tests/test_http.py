@@ -79,6 +79,9 @@ def test_guard_refuses_loopback_private_and_link_local(stub: Stub, key: str) -> 
         "http://192.168.0.1/",
         "http://169.254.169.254/latest",
         "http://[::1]:80/",
+        "http://[::ffff:127.0.0.1]/",  # IPv4 inside IPv6: mapped, compatible, NAT64
+        "http://[::127.0.0.1]/",
+        "http://[64:ff9b::a9fe:a9fe]/",
     ):
         with pytest.raises(http.BlockedAddress):
             http.check_address(url)
