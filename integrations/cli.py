@@ -184,6 +184,35 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mailboxes(args: argparse.Namespace) -> int:
+    from integrations.config import get_mailboxes
+    from integrations.ledger.mailboxes import all_cursors
+
+    cursors = all_cursors()
+    rows = [
+        {
+            "mailbox": box.name,
+            "host": box.host,
+            "folder": box.folder,
+            "interval": box.interval,
+            "enabled": box.enabled,
+            "uidvalidity": cursors.get(box.name, {}).get("uidvalidity"),
+            "last_uid": cursors.get(box.name, {}).get("last_uid"),
+            "polled_at": cursors.get(box.name, {}).get("updated_at"),
+        }
+        for box in get_mailboxes().values()
+    ]
+    if not rows:
+        print("no mailboxes (add a mailboxes: section to the services file)")
+        return 0
+    print(
+        _table(
+            rows, ["mailbox", "host", "folder", "interval", "enabled", "uidvalidity", "last_uid", "polled_at"]
+        )
+    )
+    return 0
+
+
 def cmd_endpoints(args: argparse.Namespace) -> int:
     from integrations.ledger import deliveries
     from integrations.webhooks import outgoing
@@ -292,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--source")
     ev.add_argument("--limit", type=int, default=20)
     ev.set_defaults(func=cmd_events)
+
+    sub.add_parser(
+        "mailboxes", help="the mailboxes beat polls, with their cursors and last successful poll"
+    ).set_defaults(func=cmd_mailboxes)
 
     ep = sub.add_parser(
         "endpoints", help="outgoing webhook endpoints: add URL --events a,b | list | disable ID"

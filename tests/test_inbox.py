@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -39,6 +40,7 @@ from sqlalchemy import select
 from tcp_proxy import TcpProxy
 
 from integrations import inbox
+from integrations.cli import main as cli
 from integrations.config import Mailbox
 from integrations.errors import PermanentError, TransientError
 from integrations.ledger import events as events_ledger
@@ -176,7 +178,9 @@ def handled_once(events: list[dict[str, Any]], published_here: bool = True) -> N
             assert WATCH.dispatches[e["id"]] == 1
 
 
-def test_each_message_is_dispatched_once_across_repeated_polls(imap: ImapServer) -> None:
+def test_each_message_is_dispatched_once_across_repeated_polls(
+    imap: ImapServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     for i in range(3):
         imap.append("Repeat", message(f"first {i}"))
     assert poll("mail_repeat").result == {"skipped": False, "fetched": 3, "dispatched": 3, "duplicates": 0}
@@ -189,6 +193,14 @@ def test_each_message_is_dispatched_once_across_repeated_polls(imap: ImapServer)
     assert subjects("mail_repeat") == ["first 0", "first 1", "first 2", "second 0", "second 1"]
     handled_once(emails("mail_repeat"))
     assert get_cursor("mail_repeat") == (imap.uidvalidity("Repeat"), 5)
+
+    # Operators see it: `integrations mailboxes`.
+    assert cli(["mailboxes"]) == 0
+    shown = capsys.readouterr().out
+    assert re.search(
+        rf"mail_repeat +127.0.0.1 +Repeat +30.0 +True +{imap.uidvalidity('Repeat')} +5 ", shown
+    ), shown
+    assert IMAP_PASSWORD not in shown
 
 
 def test_with_read_existing_off_the_first_poll_leaves_the_old_mail_alone(imap: ImapServer) -> None:

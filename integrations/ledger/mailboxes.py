@@ -43,3 +43,9 @@ def set_cursor(mailbox: str, uidvalidity: int, last_uid: int) -> None:
     except IntegrityError:  # inserted meanwhile (only possible without the poll lock)
         with get_engine().begin() as conn:
             conn.execute(update(cursors).where(where).values(values))
+
+
+def all_cursors() -> dict[str, dict[str, object]]:
+    """Every mailbox's cursor with when it last moved (a successful poll), by mailbox name."""
+    with get_engine().connect() as conn:
+        return {r["mailbox"]: dict(r) for r in conn.execute(select(cursors)).mappings()}
