@@ -1,11 +1,54 @@
-"""Auth schemes, as ``requests`` auth objects built once per session from a service's config."""
+"""Auth schemes of HTTP services: their place in the services file, and the ``requests`` auth
+object each becomes (built once per session, on first use, so a secret this process does not
+have fails only the calls that need it)."""
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
+from pydantic import Field
 from requests import PreparedRequest
 from requests.auth import AuthBase, HTTPBasicAuth
 
-from integrations.config import ApiKeyAuth, Auth, BasicAuth, BearerAuth, NoAuth
+from integrations.config.schema import RequiredSecret, Strict
+from integrations.config.secrets import Secret
+
+
+class NoAuth(Strict):
+    type: Literal["none"] = "none"
+
+
+class BearerAuth(Strict):
+    type: Literal["bearer"]
+    token: RequiredSecret
+
+
+class ApiKeyAuth(Strict):
+    type: Literal["api_key"]
+    key: RequiredSecret
+    name: str = Field("X-API-Key", min_length=1, pattern=r"^[A-Za-z0-9_.~-]+$")
+    location: Literal["header", "query"] = Field("header", alias="in")
+
+
+class BasicAuth(Strict):
+    type: Literal["basic"]
+    username: str = Field(min_length=1)
+    password: Secret
+
+
+Auth = Annotated[NoAuth | BearerAuth | ApiKeyAuth | BasicAuth, Field(discriminator="type")]
+
+
+def secrets_of(auth: Auth) -> list[Secret]:
+    """The secrets ``auth`` sends (to keep them out of what is stored)."""
+    match auth:
+        case BearerAuth(token=token):
+            return [token]
+        case ApiKeyAuth(key=key):
+            return [key]
+        case BasicAuth(password=password):
+            return [password]
+    return []
 
 
 class HeaderAuth(AuthBase):
@@ -31,16 +74,17 @@ class QueryAuth(AuthBase):
 
 
 def requests_auth(auth: Auth) -> AuthBase | None:
-    """The ``requests`` auth object for ``auth``; ``None`` for no auth."""
+    """The ``requests`` auth object for ``auth``; ``None`` for no auth. Raises
+    :class:`~integrations.errors.ConfigError` when a secret it needs is not set here."""
     match auth:
         case NoAuth():
             return None
         case BearerAuth(token=token):
-            return HeaderAuth("Authorization", "Bearer " + token.get_secret_value())
+            return HeaderAuth("Authorization", "Bearer " + token.get())
         case ApiKeyAuth(location="header", name=name, key=key):
-            return HeaderAuth(name, key.get_secret_value())
+            return HeaderAuth(name, key.get())
         case ApiKeyAuth(name=name, key=key):
-            return QueryAuth(name, key.get_secret_value())
+            return QueryAuth(name, key.get())
         case BasicAuth(username=username, password=password):
-            return HTTPBasicAuth(username, password.get_secret_value())
+            return HTTPBasicAuth(username, password.get())
     raise AssertionError(f"unhandled auth type {type(auth).__name__}")

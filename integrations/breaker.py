@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from integrations.config import ServiceConfig
 from integrations.coordination import client
+from integrations.services.base import Service
 
 # KEYS: state hash, probe key   ARGV: reset_ms, probe_ttl_ms
 # Returns {wait_ms, transition}: wait_ms 0 = go (maybe as the probe).
@@ -66,7 +66,7 @@ def _keys(service: str) -> tuple[str, str]:
     return f"integrations:breaker:{service}", f"integrations:breaker-probe:{service}"
 
 
-def allow(service: ServiceConfig) -> Gate:
+def allow(service: Service) -> Gate:
     r = client()
     b = service.breaker
     if r is None or b is None:
@@ -76,7 +76,7 @@ def allow(service: ServiceConfig) -> Gate:
     return Gate(int(wait_ms) / 1000, transition.decode() if isinstance(transition, bytes) else transition)
 
 
-def record(service: ServiceConfig, ok: bool) -> str:
+def record(service: Service, ok: bool) -> str:
     """Count a call's outcome; return the transition it caused: 'open', 'closed' or ''."""
     r = client()
     b = service.breaker

@@ -1,6 +1,8 @@
-"""The ``integrations`` command: submit jobs, read the ledger, check the services file.
+"""The ``integrations`` command: read the ledger, check the services file, manage endpoints.
 
-Every error is one line on stderr and a non-zero exit; no traceback reaches the user.
+The commands that submit jobs or serve the receiver need the Celery app and live in
+``tasks.cli``, which adds them to these. Every error is one line on stderr and a non-zero exit;
+no traceback reaches the user.
 """
 
 from __future__ import annotations
@@ -14,23 +16,30 @@ from typing import Any
 
 from integrations.errors import IntegrationError
 from integrations.ledger.models import DeliveryStatus, JobStatus
+from integrations.redact import redact
 
 
-def _parse_value(raw: str) -> Any:
-    """``key=value`` values are JSON when they parse as JSON (numbers, true, lists), else text."""
+def parse_value(raw: str, schema: dict[str, Any] | None) -> Any:
+    """A ``key=value`` value as the parameter's schema declares it: text for a string (``id=1``
+    stays ``"1"``), else JSON when it parses as JSON (numbers, true, lists), else text."""
+    types = (schema or {}).get("type")
+    if types == "string":
+        return raw
     try:
         return json.loads(raw)
     except ValueError:
         return raw
 
 
-def _params(pairs: Sequence[str]) -> dict[str, Any]:
+def parse_params(pairs: Sequence[str], schema: dict[str, Any]) -> dict[str, Any]:
+    """``["key=value", ...]`` as params of an operation whose params schema is ``schema``."""
+    props = schema.get("properties") or {}
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise IntegrationError(f"expected key=value, got {pair!r}")
-        out[key] = _parse_value(value)
+            raise IntegrationError("expected key=value for each parameter")
+        out[key] = parse_value(value, props.get(key))
     return out
 
 
@@ -52,32 +61,6 @@ def _table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def cmd_call(args: argparse.Namespace) -> int:
-    from integrations import submit
-
-    result = submit(args.service, args.operation, _params(args.params), args.idempotency_key, args.agent)
-    return _show(result, args)
-
-
-def _show(result: Any, args: argparse.Namespace) -> int:
-    if not args.wait:
-        print(result.id)
-        return 0
-    try:
-        out = result.get(timeout=args.timeout)
-    except IntegrationError as e:
-        print(f"job {result.id} failed: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(out, indent=2, default=str))
-    return 0
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from integrations import replay
-
-    return _show(replay(args.id), args)
-
-
 def cmd_jobs(args: argparse.Namespace) -> int:
     from integrations.ledger import jobs
 
@@ -91,8 +74,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     from integrations import breaker
-    from integrations.config import get_services
     from integrations.ledger import jobs
+    from integrations.services import get_services
 
     rows = []
     for svc in get_services().values():
@@ -142,15 +125,27 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    from integrations.config import get_services, get_settings
+    from integrations.config import get_mailboxes, get_settings, get_webhooks
+    from integrations.services import get_services
 
     services = get_services()
+    webhooks, mailboxes = get_webhooks(), get_mailboxes()
     print(f"{get_settings().services_file}: {len(services)} services, valid")
     for svc in services.values():
         limit = f", rate limit {svc.rate_limit}" if svc.rate_limit else ""
-        print(f"{svc.name} ({svc.kind}, {svc.base_url}, auth {svc.auth.type}{limit})")
-        for name, op in svc.operations.items():
-            print(f"  {name}: {op.method} {op.path}")
+        print(f"{svc.name} ({svc.describe()}{limit})")
+        for name, op in svc.catalog().items():
+            line = svc.describe_operation(name, op)
+            print(f"  {name}: {line}" if line else f"  {name}")
+    if webhooks:
+        print(f"webhook sources ({len(webhooks)}), at POST /webhooks/<name>:")
+        for src in webhooks.values():
+            print(f"  {src.name} ({src.type})")
+    if mailboxes:
+        print(f"mailboxes ({len(mailboxes)}):")
+        for box in mailboxes.values():
+            state = "" if box.enabled else ", disabled"
+            print(f"  {box.name} ({box.host}:{box.port}, {box.folder}, every {box.interval:g}s{state})")
     return 0
 
 
@@ -159,13 +154,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     upgrade()
     print("ledger schema is up to date")
-    return 0
-
-
-def cmd_receiver(args: argparse.Namespace) -> int:
-    from integrations.webhooks.receiver import serve
-
-    serve()
     return 0
 
 
@@ -264,36 +252,8 @@ def cmd_delivery(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_redeliver(args: argparse.Namespace) -> int:
-    from integrations.ledger import deliveries
-    from tasks.webhooks import deliver_webhook
-
-    why_not = deliveries.redeliver(args.id)
-    if why_not:
-        raise IntegrationError(f"cannot redeliver {args.id}: {why_not}")
-    deliver_webhook.delay(args.id)
-    print(f"{args.id} queued for one more try")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="integrations", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
-    c = sub.add_parser("call", help="submit a job: SERVICE OPERATION key=value ...")
-    c.add_argument("service")
-    c.add_argument("operation")
-    c.add_argument("params", nargs="*", metavar="key=value")
-    c.add_argument("--idempotency-key")
-    c.add_argument("--agent", help="who submits: the key of per-agent rate limits")
-    _wait_options(c)
-    c.set_defaults(func=cmd_call)
-
-    r = sub.add_parser("replay", help="submit a failed job again, as a new job linked to it")
-    r.add_argument("id")
-    _wait_options(r)
-    r.set_defaults(func=cmd_replay)
-
+def add_commands(sub: Any) -> None:
+    """The commands that read and manage the ledger and the services file (no Celery app)."""
     j = sub.add_parser("jobs", help="list jobs, newest first")
     j.add_argument("--status", choices=[s.value for s in JobStatus])
     j.add_argument("--service")
@@ -310,12 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "health", help="per service: last health check, latency, breaker, last error and success"
     ).set_defaults(func=cmd_health)
-    sub.add_parser("services", help="validate the services file and list it").set_defaults(func=cmd_services)
+    sub.add_parser(
+        "services", help="validate the services file and list services, webhook sources and mailboxes"
+    ).set_defaults(func=cmd_services)
     sub.add_parser("migrate", help="apply the ledger's migrations").set_defaults(func=cmd_migrate)
 
-    sub.add_parser("receiver", help="serve the webhook receiver on RECEIVER_HOST:RECEIVER_PORT").set_defaults(
-        func=cmd_receiver
-    )
     ev = sub.add_parser("events", help="incoming events, newest first; with an id, its handlings")
     ev.add_argument("id", nargs="?")
     ev.add_argument("--source")
@@ -346,23 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
     one_d.add_argument("id")
     one_d.set_defaults(func=cmd_delivery)
 
-    rd = sub.add_parser("redeliver", help="try a finished delivery once more (same webhook-id)")
-    rd.add_argument("id")
-    rd.set_defaults(func=cmd_redeliver)
-    return p
+
+def build_parser() -> tuple[argparse.ArgumentParser, Any]:
+    """The parser with the library's commands, and its sub-parsers for more."""
+    p = argparse.ArgumentParser(prog="integrations", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    return p, sub
 
 
-def _wait_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command. Every error is one line on stderr; no traceback."""
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except IntegrationError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     except TimeoutError:
         print(
@@ -371,8 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     except Exception as e:  # a broken database or broker: one line, not a traceback
-        print(f"error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {redact(_first_line(e))}", file=sys.stderr)
         return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The library's commands alone (``python -m integrations.cli``); the installed
+    ``integrations`` command adds those that need the Celery app (``tasks.cli``)."""
+    return run(build_parser()[0], argv)
 
 
 def _first_line(e: BaseException) -> str:

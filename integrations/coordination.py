@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import redis
 
-from integrations.config import Rate, ServiceConfig, get_settings
+from integrations.config import Rate, get_settings
+from integrations.services.base import Service
 
 # GCRA (the generic cell rate algorithm): one timestamp per service, the "theoretical arrival
 # time" (TAT). A call may go when TAT - now <= burst * interval; then TAT += interval.
@@ -76,7 +77,7 @@ def _keys(service: str) -> tuple[str, str]:
     return f"integrations:tat:{service}", f"integrations:pause:{service}"
 
 
-def _limits(service: ServiceConfig, agent: str | None) -> list[tuple[str, Rate]]:
+def _limits(service: Service, agent: str | None) -> list[tuple[str, Rate]]:
     tat_key = _keys(service.name)[0]
     limits: list[tuple[str, Rate]] = []
     if agent is not None and service.agent_limit is not None:
@@ -86,7 +87,7 @@ def _limits(service: ServiceConfig, agent: str | None) -> list[tuple[str, Rate]]
     return limits
 
 
-def acquire(service: ServiceConfig, reserve_up_to: float = 0.0, agent: str | None = None) -> Decision:
+def acquire(service: Service, reserve_up_to: float = 0.0, agent: str | None = None) -> Decision:
     """Take a slot of the service's global rate limit (and of ``agent``'s own share of it, when
     the service sets one), unless the service is paused.
 
@@ -118,7 +119,7 @@ def acquire(service: ServiceConfig, reserve_up_to: float = 0.0, agent: str | Non
     return Decision(wait_us / 1_000_000, slot=slot if wait_us > 0 else None)
 
 
-def on_time(service: ServiceConfig, slot: int, agent: str | None = None) -> Decision:
+def on_time(service: Service, slot: int, agent: str | None = None) -> Decision:
     """Check a kept slot when its time has come: still ``Decision(0)`` if the service is not
     paused and the caller is no later than one interval past the slot. A caller that comes
     later (a busy worker) takes a new slot instead, so late callers never bunch up and exceed

@@ -50,15 +50,28 @@ class InvalidParams(SubmitError):
 
 
 class CallError(IntegrationError):
-    """An upstream call failed. ``status_code`` is the HTTP status when there was a response."""
+    """An upstream call failed. ``status_code`` is the protocol's status (HTTP, SMTP reply
+    code) when there was an answer; ``excerpt`` a bounded, scrubbed part of it for the ledger;
+    ``pause`` how long every worker should hold the service's calls (its budget is spent)."""
 
     retryable = False
 
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        latency_ms: float | None = None,
+        excerpt: str | None = None,
+        pause: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
-        #: The :class:`integrations.http.Response` behind the error, when there was one.
-        self.response: Any = None
+        self.latency_ms = latency_ms
+        self.excerpt = excerpt
+        self.pause = pause
+        #: What the job keeps of a failure beside its message (a GraphQL error list, ...).
+        self.meta: dict[str, Any] = {}
 
 
 class PermanentError(CallError):
@@ -72,13 +85,14 @@ class TransientError(CallError):
 
 
 class RateLimited(TransientError):
-    """The upstream asked us to wait; ``retry_after`` is in seconds (``None`` when it did not say)."""
+    """The upstream asked us to wait; ``retry_after`` is in seconds (``None`` when it did not
+    say). Every worker holds the service's calls that long."""
 
-    def __init__(
-        self, message: str, *, status_code: int | None = None, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message, status_code=status_code)
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
         self.retry_after = retry_after
+        if self.pause is None:
+            self.pause = retry_after
 
 
 class WebhookRefused(IntegrationError):

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from integrations.auth import requests_auth
-from integrations.config import Auth
+from integrations import redact
+from integrations.auth import Auth, requests_auth
 from integrations.errors import CallError, PermanentError, RateLimited, TransientError
 
 USER_AGENT = "agent-integrations/0.1"
@@ -93,6 +93,13 @@ class Response:
         if not self.body or limit <= 0:
             return None
         return self.body[:limit].decode("utf-8", errors="replace")
+
+    def scrubbed(self, secrets: Sequence[str]) -> Response:
+        """This response with ``secrets`` masked in its body (see :func:`integrations.redact.scrub`)."""
+        if not secrets or not self.body:
+            return self
+        body = redact.scrub(self.body, secrets)
+        return self if body is self.body else replace(self, body=body)
 
 
 class BlockedAddress(PermanentError):
@@ -245,7 +252,7 @@ def classify(resp: Response, retry_after_max: float) -> CallError | None:
     return PermanentError(what, status_code=code)
 
 
-def budget_spent_for(resp: Response, now: float | None = None) -> float | None:
+def budget_spent_for(resp: Response, now: float | None = None, cap: float | None = None) -> float | None:
     """Seconds until the upstream's rate-limit window resets, when its headers say the budget is
     spent (``x-ratelimit-remaining: 0`` with ``x-ratelimit-reset`` in epoch seconds, as GitHub
     sends: https://docs.github.com/en/rest/using-the-rest-api/rate-limits-for-the-rest-api)."""
@@ -255,7 +262,8 @@ def budget_spent_for(resp: Response, now: float | None = None) -> float | None:
     reset = h.get("x-ratelimit-reset", "").strip()
     if not reset.isdigit():
         return None
-    return max(0.0, int(reset) - (time.time() if now is None else now))
+    wait = max(0.0, int(reset) - (time.time() if now is None else now))
+    return wait if cap is None else min(wait, cap)
 
 
 def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from integrations import http, ledger
-from integrations.config import Operation, ServiceConfig, get_services, get_settings
-from integrations.errors import InvalidParams, SubmitError, UnknownOperation, UnknownService
+from integrations import ledger
+from integrations.config import get_settings
+from integrations.errors import InvalidParams, PermanentError, SubmitError, UnknownOperation, UnknownService
 from integrations.ledger.jobs import Claim
 from integrations.ledger.models import JobStatus
-from integrations.services import build_request
+from integrations.services import Attempt, Operation, Outcome, Service, get_services
 
 #: ``publish(service, job_id, agent)`` puts a job's message on the broker.
 Publish = Callable[[str, str, str | None], None]
@@ -22,30 +22,38 @@ Publish = Callable[[str, str, str | None], None]
 _AGENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}")
 
 
-def resolve(service: str, operation: str) -> tuple[ServiceConfig, Operation]:
+def resolve(service: str, operation: str) -> tuple[Service, Operation]:
     services = get_services()
-    svc = services.get(service)
+    svc = services.get(service) if isinstance(service, str) else None
     if svc is None:
         known = ", ".join(sorted(services)) or "none"
-        raise UnknownService(f"unknown service {service!r} (known: {known})")
-    op = svc.operations.get(operation)
+        raise UnknownService(f"unknown service (known: {known})")
+    op = svc.operation(operation) if isinstance(operation, str) else None
     if op is None:
-        known = ", ".join(sorted(svc.operations))
-        raise UnknownOperation(f"service {service!r} has no operation {operation!r} (it has: {known})")
+        known = ", ".join(sorted(svc.catalog()))
+        raise UnknownOperation(f"service {service!r} has no such operation (it has: {known})")
     return svc, op
 
 
 def prepare(service: str, operation: str, params: Any) -> dict[str, Any]:
-    """Validate a call before anything is written; return the params as they will be sent."""
+    """Validate a call before anything is written; return the params as they will be sent.
+
+    Raises :class:`InvalidParams` for params that do not match the operation's schema, that
+    are not JSON values, or that are larger than ``PARAMS_MAX_BYTES`` (they are stored)."""
     _, op = resolve(service, operation)
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise InvalidParams(f"{service}.{operation}: params must be a mapping of names to values")
     try:
-        return op.validate_params(params)
+        clean = op.validate_params(params)
+        size = len(json.dumps(clean, allow_nan=False, separators=(",", ":")).encode())
     except InvalidParams as e:
         raise InvalidParams(f"{service}.{operation}: {e}") from None
+    except (TypeError, ValueError, RecursionError):
+        raise InvalidParams(
+            f"{service}.{operation}: params must be JSON values (text, numbers, lists, mappings)"
+        ) from None
+    limit = get_settings().params_max_bytes
+    if size > limit:
+        raise InvalidParams(f"{service}.{operation}: params are larger than {limit} bytes (PARAMS_MAX_BYTES)")
+    return clean
 
 
 def enqueue(
@@ -113,16 +121,9 @@ def replay(job_id: str, publish: Publish) -> str:
     return new_id
 
 
-def perform(claim: Claim) -> http.Response:
-    """Make one attempt at a claimed job. Returns the 2xx response; raises a classified error."""
-    svc, op = resolve(claim.service, claim.operation)
-    req = build_request(svc, op, claim.params)
-    # The same key on every attempt of a job: an upstream that honours it runs the job once
-    # even when our retry follows a lost reply (draft-ietf-httpapi-idempotency-key-header).
-    req = replace(req, headers={**req.headers, "Idempotency-Key": claim.job_id})
-    resp = http.send(svc, req, get_settings().response_max_bytes)
-    err = http.classify(resp, svc.retry.retry_after_max)
-    if err is not None:
-        err.response = resp
-        raise err
-    return resp
+def perform(svc: Service, claim: Claim, agent: str | None = None) -> Outcome:
+    """Make one attempt at a claimed job: the outcome, or the kind's typed error."""
+    op = svc.operation(claim.operation)
+    if op is None:
+        raise PermanentError(f"service {svc.name} no longer has operation {claim.operation!r}")
+    return svc.call(op, claim.params, Attempt(claim.job_id, claim.attempt, agent))

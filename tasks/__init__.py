@@ -1,11 +1,16 @@
-"""The Celery app (``celery -A tasks worker``) and its tasks, one module per kind of work."""
+"""The Celery app (``celery -A tasks worker``) and its tasks, one module per kind of work.
 
-from tasks.calls import call_service
+Agents submit with ``call_service.delay(service, operation, params, idempotency_key=...,
+agent=...)``; ``replay(job_id)`` submits a failed job again; ``publish_webhook.delay(type,
+data)`` (or ``publish_now``) sends an event to the subscribed endpoints.
+"""
+
+from tasks.calls import call_service, replay
 from tasks.celeryapp import app
 from tasks.events import dispatch_event, requeue_stuck_events, run_handler
 from tasks.inbox import poll_mailbox
 from tasks.maintenance import dispatch_deferred, health_check, requeue_stuck_jobs
-from tasks.webhooks import deliver_webhook, dispatch_deliveries, publish_webhook
+from tasks.webhooks import deliver_webhook, dispatch_deliveries, publish_now, publish_webhook
 
 __all__ = [
     "app",
@@ -16,7 +21,9 @@ __all__ = [
     "dispatch_event",
     "health_check",
     "poll_mailbox",
+    "publish_now",
     "publish_webhook",
+    "replay",
     "requeue_stuck_events",
     "requeue_stuck_jobs",
     "run_handler",

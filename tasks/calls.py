@@ -3,7 +3,8 @@
 The per-service tasks (``integrations.call.<service>``) carry the service's retry policy as
 Celery's own options (``autoretry_for``, ``retry_backoff``, ``retry_backoff_max``,
 ``retry_jitter``, ``max_retries``) and its rate limit as a task annotation, so every policy
-is data on a task and Celery does the retrying.
+is data on a task and Celery does the retrying. They are registered when the app is finalized
+(a worker starting), from the services file of that moment.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 from celery.utils.log import get_task_logger
 
-from integrations import breaker, coordination, http, jobs
-from integrations.config import ServiceConfig, get_services, get_settings
+from integrations import breaker, coordination, jobs
+from integrations.config import get_settings
 from integrations.errors import CallError, PermanentError, RateLimited, TransientError
+from integrations.http import BlockedAddress
 from integrations.ledger import jobs as ledger
 from integrations.ledger.models import JobStatus, utcnow
+from integrations.services import Outcome, Service, get_services
 from tasks.celeryapp import app
 from tasks.celeryapp import call_task_name as task_name
 
@@ -35,7 +38,7 @@ def publish(service: str, job_id: str, agent: str | None = None) -> None:
     secrets stay in the ledger.
     """
     kwargs = {"agent": agent} if agent else {}
-    app.tasks[task_name(service)].apply_async((job_id,), kwargs, task_id=job_id)
+    app.send_task(task_name(service), (job_id,), kwargs, task_id=job_id)
 
 
 class CallService(Task):  # type: ignore[misc]
@@ -49,27 +52,12 @@ class CallService(Task):  # type: ignore[misc]
     limits and the ledger.
     """
 
-    name = "integrations.call_service"
     typing = False
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
         service, operation, params, key, agent = _call_args(*(args or ()), **(kwargs or {}))
         job_id, _ = jobs.enqueue(service, operation, params, key, publish, agent=agent)
         return self.AsyncResult(job_id)
-
-    def run(
-        self,
-        service: str,
-        operation: str,
-        params: dict[str, Any] | None = None,
-        idempotency_key: str | None = None,
-        agent: str | None = None,
-    ) -> Any:
-        """Called in-process (``call_service(...)``): accept the job and run it here."""
-        job_id, _ = jobs.enqueue(
-            service, operation, params, idempotency_key, lambda s, j, a: None, agent=agent
-        )
-        return app.tasks[task_name(service)].apply((job_id,), task_id=job_id).get()
 
 
 def _call_args(
@@ -82,7 +70,22 @@ def _call_args(
     return service, operation, params, idempotency_key, agent
 
 
-call_service: CallService = app.register_task(CallService())
+@app.task(base=CallService, name="integrations.call_service")
+def call_service(
+    service: str,
+    operation: str,
+    params: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    agent: str | None = None,
+) -> Any:
+    """Called in-process (``call_service(...)``): accept the job and run it here."""
+    job_id, _ = jobs.enqueue(service, operation, params, idempotency_key, lambda s, j, a: None, agent=agent)
+    return app.tasks[task_name(service)].apply((job_id,), task_id=job_id).get()
+
+
+def replay(job_id: str) -> AsyncResult:
+    """Submit failed job ``job_id`` again as a new job linked to it; return the new job's result."""
+    return call_service.AsyncResult(jobs.replay(job_id, publish))
 
 
 #: Celery puts ``repr(result)`` cut to this length in its log and in the task-succeeded event
@@ -109,12 +112,10 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
         log.info("job %s is not queued; duplicate delivery ignored", job_id)
         raise Ignore()
     started = utcnow()
-    excerpt_max = get_settings().ledger_body_max_bytes
     try:
-        resp = jobs.perform(claim)
-    except SoftTimeLimitExceeded as e:
+        out = jobs.perform(svc, claim, agent)
+    except SoftTimeLimitExceeded:
         err: CallError = TransientError("the call ran past the task's time limit")
-        err.__cause__ = e
     except CallError as e:
         err = e
     except Exception as e:
@@ -127,31 +128,37 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
             error=f"internal error ({type(e).__name__})",
             response_excerpt=None,
         )
-        raise
+        log.error("job %s: internal error", job_id, exc_info=True)
+        # Not chained: the cause's text may hold a request's URL.
+        raise PermanentError(f"internal error ({type(e).__name__})") from None
     else:
         ledger.record_attempt(
             claim,
             status=JobStatus.SUCCEEDED,
             started_at=started,
-            status_code=resp.status_code,
-            latency_ms=resp.latency_ms,
+            status_code=out.status_code,
+            latency_ms=out.latency_ms,
             error=None,
-            response_excerpt=resp.excerpt(excerpt_max),
+            response_excerpt=out.excerpt,
+            meta=out.meta,
+            input_tokens=out.usage.input_tokens if out.usage else None,
+            output_tokens=out.usage.output_tokens if out.usage else None,
         )
-        _observe(svc, resp, None)
+        _observe(svc, out, None)
         # Key order matters: see _RESULT_REPR_MAX.
         return {
             "job_id": job_id,
             "status": JobStatus.SUCCEEDED.value,
-            "status_code": resp.status_code,
+            "status_code": out.status_code,
             "attempts": claim.attempt,
-            "latency_ms": round(resp.latency_ms, 3),
+            "latency_ms": round(out.latency_ms, 3) if out.latency_ms is not None else None,
             "service": claim.service,
             "operation": claim.operation,
-            "data": resp.data(),
+            **({"meta": out.meta} if out.meta else {}),
+            **({"usage": vars(out.usage)} if out.usage else {}),
+            "data": out.data,
         }
 
-    resp = err.response
     will_retry = err.retryable and self.request.retries < self.max_retries
     wait = err.retry_after if isinstance(err, RateLimited) else None
     ledger.record_attempt(
@@ -159,19 +166,23 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
         status=JobStatus.RETRYING if will_retry else JobStatus.FAILED,
         started_at=started,
         status_code=err.status_code,
-        latency_ms=resp.latency_ms if resp is not None else None,
+        latency_ms=err.latency_ms,
         error=str(err),
-        response_excerpt=resp.excerpt(excerpt_max) if resp is not None else None,
+        response_excerpt=err.excerpt,
         next_attempt_at=started + dt.timedelta(seconds=wait) if will_retry and wait is not None else None,
+        meta=err.meta,
     )
-    _observe(svc, resp, err)
+    _observe(svc, None, err)
+    # Celery stores and emits the exception with its traceback (result backend, task events):
+    # our message is clean, but a chained cause (urllib3's, with the URL) may not be.
+    err.__cause__, err.__context__, err.__suppress_context__ = None, None, True
     if will_retry and wait is not None:
         # Honour the server's Retry-After instead of our own backoff.
         raise self.retry(exc=err, countdown=wait)
     raise err  # autoretry_for retries TransientError with the service's backoff; others fail
 
 
-def _gate(task: Task, svc: ServiceConfig, job_id: str, slot: int | None, agent: str | None) -> None:
+def _gate(task: Task, svc: Service, job_id: str, slot: int | None, agent: str | None) -> None:
     """Defer the job (raising Ignore) while the breaker is open, the service is paused, or
     the global rate limits have no slot for it now."""
     gate = breaker.allow(svc)
@@ -205,26 +216,22 @@ def _defer(task: Task, job_id: str, wait: float, slot: int | None, agent: str | 
     raise Ignore()
 
 
-def _observe(svc: ServiceConfig, resp: Any, err: CallError | None) -> None:
+def _observe(svc: Service, out: Outcome | None, err: CallError | None) -> None:
     """Feed a call's outcome to the shared state: pauses for every worker and the breaker.
 
     Runs after the outcome is in the ledger; a Redis that is away costs the pause or the
     breaker count, never the outcome."""
     try:
-        _feed(svc, resp, err)
+        _feed(svc, out, err)
     except redis.RedisError as e:
         log.warning("shared state unreachable (%s); %s outcome not counted", type(e).__name__, svc.name)
 
 
-def _feed(svc: ServiceConfig, resp: Any, err: CallError | None) -> None:
-    pause = err.retry_after if isinstance(err, RateLimited) else None
-    if resp is not None:
-        spent = http.budget_spent_for(resp)
-        if spent is not None:
-            pause = max(pause or 0.0, min(spent, svc.retry.retry_after_max))
+def _feed(svc: Service, out: Outcome | None, err: CallError | None) -> None:
+    pause = out.pause if out is not None else err.pause if err is not None else None
     if pause:
-        coordination.pause(svc.name, pause)
-    if isinstance(err, (RateLimited, http.BlockedAddress)):
+        coordination.pause(svc.name, min(pause, svc.retry.retry_after_max))
+    if isinstance(err, RateLimited | BlockedAddress):
         return  # says nothing of the upstream's health
     failed = isinstance(err, TransientError)
     transition = breaker.record(svc, ok=not failed)
@@ -235,7 +242,7 @@ def _feed(svc: ServiceConfig, resp: Any, err: CallError | None) -> None:
         ledger.record_breaker_event(svc.name, "open", f"call failed: {err}")
 
 
-def register_service_task(svc: ServiceConfig) -> Task:
+def register_service_task(svc: Service) -> Task:
     policy = svc.retry
     return app.task(
         run_job,
@@ -256,5 +263,8 @@ def register_service_task(svc: ServiceConfig) -> Task:
     )
 
 
-for _svc in get_services().values():
-    register_service_task(_svc)
+@app.on_after_finalize.connect
+def _register_service_tasks(sender: Any, **_: Any) -> None:
+    for svc in get_services().values():
+        if task_name(svc.name) not in sender.tasks:
+            register_service_task(svc)

@@ -1,13 +1,22 @@
-"""The Celery app: broker, results, reliability options and the beat schedule, all from settings."""
+"""The Celery app (``celery -A tasks``): broker, results, reliability options and the beat
+schedule, all from the settings and the services file.
+
+Nothing is read at import: the configuration is a promise Celery evaluates when it first needs
+it (a worker starting, a first ``delay()``), and the per-service tasks are registered when the
+app is finalized. Importing ``tasks`` needs neither the environment nor the services file.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init
 
 import beat_schedule
-from integrations.config import Mailbox, ServiceConfig, Settings, get_mailboxes, get_services, get_settings
+from integrations import redact
+from integrations.config import Mailbox, Settings, get_mailboxes, get_settings
+from integrations.services import Service, get_services
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
@@ -32,7 +41,7 @@ def call_task_name(service: str) -> str:
     return f"integrations.call.{service}"
 
 
-def rate_limit_annotations(settings: Settings, services: dict[str, ServiceConfig]) -> dict[str, Any]:
+def rate_limit_annotations(settings: Settings, services: dict[str, Service]) -> dict[str, Any]:
     """Celery's own ``rate_limit`` per service task, on the embedded defaults only.
 
     Celery's limit holds per worker instance. With a shared Redis the global limiter holds for
@@ -45,36 +54,60 @@ def rate_limit_annotations(settings: Settings, services: dict[str, ServiceConfig
     return {call_task_name(s.name): {"rate_limit": s.rate_limit} for s in services.values() if s.rate_limit}
 
 
-def make_app(
-    settings: Settings, services: dict[str, ServiceConfig], mailboxes: dict[str, Mailbox] | None = None
-) -> Celery:
-    app = Celery("agent_integrations", broker=settings.broker_url, backend=settings.results_url)
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_default_queue="integrations",
-        # A job is acknowledged only once it has run; a worker lost mid-call gives it back.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
-        broker_transport_options=broker_options(settings),
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
-        broker_connection_retry_on_startup=True,
-        task_soft_time_limit=settings.task_soft_time_limit,
-        task_time_limit=settings.task_time_limit,
-        result_expires=86400,
-        # Flower builds its task list from events; they carry only task names and job ids.
-        worker_send_task_events=settings.task_events,
-        task_send_sent_event=settings.task_events,
-        beat_schedule=beat_schedule.build(
-            {s.name: s.health.interval for s in services.values() if s.health and s.health.enabled},
-            {m.name: m.interval for m in (mailboxes or {}).values() if m.enabled},
-        ),
-        beat_schedule_filename=str(settings.var_dir / "celerybeat-schedule"),
-        task_annotations=rate_limit_annotations(settings, services),
+def beat_entries(services: dict[str, Service], mailboxes: dict[str, Mailbox]) -> dict[str, dict[str, Any]]:
+    return beat_schedule.build(
+        {s.name: s.health.interval for s in services.values() if s.health and s.health.enabled},
+        {m.name: m.interval for m in mailboxes.values() if m.enabled},
     )
-    return app
 
 
-app = make_app(get_settings(), get_services(), get_mailboxes())
+def celery_config(
+    settings: Settings, services: dict[str, Service], mailboxes: dict[str, Mailbox]
+) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.results_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": "integrations",
+        # A job is acknowledged only once it has run; a worker lost mid-call gives it back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
+        "broker_transport_options": broker_options(settings),
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_time_limit,
+        "result_expires": 86400,
+        # Flower builds its task list from events; they carry only task names and job ids.
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
+        "beat_schedule": beat_entries(services, mailboxes),
+        "beat_schedule_filename": str(settings.var_dir / "celerybeat-schedule"),
+        "task_annotations": rate_limit_annotations(settings, services),
+    }
+
+
+def _lazy_config() -> dict[str, Any]:
+    return celery_config(get_settings(), get_services(), get_mailboxes())
+
+
+app = Celery("agent_integrations")
+app.add_defaults(_lazy_config)
+
+# Every log record of every process of the app goes through the redactor, at every level.
+redact.install()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _redact_logs(**_: Any) -> None:
+    redact.install()
+
+
+@worker_init.connect
+def _check_at_start(**_: Any) -> None:
+    """A worker reads its configuration at start, so a broken services file stops it there."""
+    get_services()

@@ -8,8 +8,11 @@ autoretry (exponential backoff, full jitter) and the others are not touched.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Any
 
+from celery import Task
+from celery.signals import worker_init
 from celery.utils.log import get_task_logger
 
 from integrations import events
@@ -20,18 +23,19 @@ from tasks.celeryapp import app
 
 log = get_task_logger(__name__)
 
-_settings = get_settings()
-events.load_handlers(_settings.handler_modules)
-
 #: Handlers are the agents' code: any exception they raise is a failure to retry.
 RETRY_BACKOFF_MAX = 600
-HANDLER_RETRY: dict[str, Any] = {
-    "autoretry_for": (Exception,),
-    "max_retries": _settings.handler_max_retries,
-    "retry_backoff": _settings.handler_retry_backoff,
-    "retry_backoff_max": RETRY_BACKOFF_MAX,
-    "retry_jitter": True,
-}
+
+
+@functools.cache
+def load_handlers() -> None:
+    """Import the modules of ``EVENT_HANDLERS`` once per process (a worker does it at start)."""
+    events.load_handlers(get_settings().handler_modules)
+
+
+@worker_init.connect
+def _load_handlers_at_start(**_: Any) -> None:
+    load_handlers()
 
 
 def publish_event(event_id: str) -> None:
@@ -39,8 +43,26 @@ def publish_event(event_id: str) -> None:
     dispatch_event.delay(event_id)
 
 
+class HandlerTask(Task):  # type: ignore[misc]
+    """The retry policy of handlers, read from the settings when the task is made (at the
+    app's finalization, not at import)."""
+
+    autoretry_for = (Exception,)
+    retry_backoff_max = RETRY_BACKOFF_MAX
+    retry_jitter = True
+
+    @property
+    def max_retries(self) -> int:
+        return get_settings().handler_max_retries
+
+    @property
+    def retry_backoff(self) -> int:
+        return get_settings().handler_retry_backoff
+
+
 @app.task(name="integrations.dispatch_event", ignore_result=True)
 def dispatch_event(event_id: str) -> int:
+    load_handlers()
     event = ledger.get_event(event_id)
     if event is None:
         return 0
@@ -51,8 +73,9 @@ def dispatch_event(event_id: str) -> int:
     return len(pending)
 
 
-@app.task(bind=True, name="integrations.run_handler", ignore_result=True, **HANDLER_RETRY)
+@app.task(bind=True, base=HandlerTask, name="integrations.run_handler", ignore_result=True)
 def run_handler(self, handling_id: int) -> None:  # type: ignore[no-untyped-def]
+    load_handlers()
     claim = ledger.claim_handling(handling_id)
     if claim is None:
         return

@@ -7,9 +7,10 @@ import datetime as dt
 from celery.utils.log import get_task_logger
 
 from integrations import breaker, coordination, health
-from integrations.config import get_services, get_settings
+from integrations.config import get_settings
 from integrations.ledger import jobs as ledger
 from integrations.ledger.models import utcnow
+from integrations.services import get_services
 from tasks.calls import publish
 from tasks.celeryapp import app
 

@@ -32,3 +32,16 @@ def dispatch_deliveries() -> int:
     for delivery_id in due:
         deliver_webhook.delay(delivery_id)
     return len(due)
+
+
+def publish_now(event_type: str, data: Any) -> list[str]:
+    """Deliver an event to every endpoint subscribed to ``event_type``; return the delivery ids.
+
+    The deliveries are stored before this returns and tried at once by the workers, then on
+    the retry schedule; the same as ``publish_webhook.delay(event_type, data)``, minus the wait
+    for a worker to create them.
+    """
+    ids = outgoing.publish(event_type, data)
+    for delivery_id in ids:
+        deliver_webhook.delay(delivery_id)
+    return ids

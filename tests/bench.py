@@ -141,8 +141,8 @@ def latency(n: int, per_second: float) -> dict[str, float]:
 def limiter_accuracy(n: int) -> dict[str, Any]:
     """Submit ``n`` jobs at once to the service limited to 20/s; measure the rate of their
     calls from the ledger's start times (the claim comes right after the limiter's slot)."""
-    from integrations.config import get_services
     from integrations.ledger import jobs as ledger
+    from integrations.services import get_services
     from tasks import call_service
 
     limit = get_services()["stub_limited"].global_limit
@@ -205,7 +205,7 @@ def receiver_rates(n: int, env: dict[str, str], log: Path) -> dict[str, list[flo
     apps = {
         "bare": ["-m", "uvicorn", "bench_receivers:bare"],
         "naive": ["-m", "uvicorn", "bench_receivers:naive"],
-        "ours": ["-m", "uvicorn", "--factory", "integrations.webhooks.receiver:app_from_settings"],
+        "ours": ["-m", "uvicorn", "--factory", "tasks.receiver:app_from_settings"],
     }
     rates: dict[str, list[float]] = {k: [] for k in apps}
     for i in range(ROUNDS):

@@ -47,9 +47,9 @@ def test_a_failing_job_is_one_line_and_non_zero(stub: Stub, key: str) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("call", "nosuch", "echo"), "unknown service 'nosuch'"),
-        (("call", "stub", "echo", "key"), "expected key=value"),
-        (("call", "stub", "echo", "key=a", "n=x"), "n: Input should be a valid integer"),
+        (("call", "nosuch", "echo"), "unknown service (known: "),
+        (("call", "stub", "echo", "key"), "expected key=value for each parameter"),
+        (("call", "stub", "echo", "key=a", "n=x"), "n: must be an integer"),
         (("job", "no-such-id"), "no job with id no-such-id"),
     ],
 )

@@ -9,16 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from integrations.config import (
-    BearerAuth,
-    ServiceConfig,
-    Settings,
-    load_mailboxes,
-    load_services,
-    load_settings,
-    load_webhooks,
-)
+from integrations.auth import BearerAuth
+from integrations.config import Settings, load_mailboxes, load_settings, load_webhooks
 from integrations.errors import ConfigError, InvalidParams
+from integrations.services import Service, load_services
+from integrations.services.http_service import HttpService
+from integrations.services.rest import RestOperation
 
 SECRET = "s3cr3t-value-never-printed"
 
@@ -29,7 +25,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-def load(tmp_path: Path, text: str) -> dict[str, ServiceConfig]:
+def load(tmp_path: Path, text: str) -> dict[str, Service]:
     return load_services(write(tmp_path, text), Settings())
 
 
@@ -55,9 +51,10 @@ def test_the_issue_example_loads_with_typed_operations(
     monkeypatch.setenv("T_GH_TOKEN", SECRET)
     services = load(tmp_path, GOOD)
     gh = services["github"]
-    assert isinstance(gh.auth, BearerAuth) and gh.auth.token.get_secret_value() == SECRET
+    assert isinstance(gh, HttpService) and isinstance(gh.auth, BearerAuth) and gh.auth.token.get() == SECRET
     assert SECRET not in repr(gh)
-    op = gh.operations["create_issue"]
+    op = gh.catalog()["create_issue"]
+    assert isinstance(op, RestOperation)
     assert op.path_params == ["owner", "repo"]
     assert op.validate_params({"owner": "o", "repo": "r", "title": "t"}) == {
         "owner": "o",
@@ -68,12 +65,12 @@ def test_the_issue_example_loads_with_typed_operations(
 
 def test_params_are_checked_by_type_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("T_GH_TOKEN", SECRET)
-    op = load(tmp_path, GOOD)["github"].operations["create_issue"]
-    with pytest.raises(InvalidParams, match="title: Field required"):
+    op = load(tmp_path, GOOD)["github"].catalog()["create_issue"]
+    with pytest.raises(InvalidParams, match="title: required"):
         op.validate_params({"owner": "o", "repo": "r"})
-    with pytest.raises(InvalidParams, match="title: Input should be a valid string"):
-        op.validate_params({"owner": "o", "repo": "r", "title": 5})
-    with pytest.raises(InvalidParams, match="labels: Extra inputs are not permitted"):
+    with pytest.raises(InvalidParams, match="title: must be a string"):
+        op.validate_params({"owner": "o", "repo": "r", "title": [5]})
+    with pytest.raises(InvalidParams, match="labels: not a parameter of this operation"):
         op.validate_params({"owner": "o", "repo": "r", "title": "t", "labels": []})
 
 
@@ -82,22 +79,25 @@ def test_secret_can_come_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("T_GH_TOKEN", raising=False)
     monkeypatch.setenv("T_GH_TOKEN_FILE", str(tmp_path / "tok"))
     gh = load(tmp_path, GOOD)["github"]
-    assert isinstance(gh.auth, BearerAuth) and gh.auth.token.get_secret_value() == SECRET
+    assert isinstance(gh, HttpService) and isinstance(gh.auth, BearerAuth) and gh.auth.token.get() == SECRET
 
 
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
         (
-            ("${T_GH_TOKEN}", "${T_MISSING_VAR}"),
-            "services.github.auth.token: environment variable T_MISSING_VAR is not set",
+            ("https://api.github.com", "${T_MISSING_VAR}"),
+            "services.github.base_url: environment variable T_MISSING_VAR is not set",
         ),
-        (("type: bearer", "type: oauth9"), "services.github.auth: Input tag 'oauth9'"),
+        (("type: bearer", "type: oauth9"), "services.github.auth: unknown type; expected one of"),
         (("5000/h", "5000 per hour"), "services.github.rate_limit: must look like"),
         (("backoff_max: 300", "backoff_max: 99999"), "services.github.retry.backoff_max"),
         (("method: GET", "method: FETCH"), "services.github.operations.get_repo.method"),
         (("https://api.github.com", "ftp://api.github.com"), "services.github.base_url"),
-        (("title: str", "title: string"), "services.github.operations.create_issue: unknown type 'string'"),
+        (
+            ("title: str", "title: string"),
+            "services.github.operations.create_issue: unknown type; use one of",
+        ),
         (("rate_limit", "rate_limits"), "services.github.rate_limits: Extra inputs are not permitted"),
     ],
 )

@@ -9,15 +9,17 @@ from conftest import TOKEN
 from stub import Reply, Stub
 
 from integrations import http
-from integrations.config import get_services
 from integrations.errors import PermanentError, RateLimited, TransientError
 from integrations.jobs import resolve
-from integrations.services import build_request
+from integrations.services import Attempt, get_services
+from integrations.services.http_service import HttpService
 
 
 def call(service: str, op: str, params: dict[str, object], max_bytes: int = 65536) -> http.Response:
     svc, operation = resolve(service, op)
-    return http.send(svc, build_request(svc, operation, params), max_bytes)
+    assert isinstance(svc, HttpService)
+    req = svc.request(operation, operation.validate_params(params), Attempt("job"))
+    return http.send(svc, req, max_bytes)
 
 
 def test_bearer_token_path_and_query_reach_the_server(stub: Stub, key: str) -> None:

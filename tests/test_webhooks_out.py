@@ -18,12 +18,11 @@ from sqlalchemy import update
 from standardwebhooks.webhooks import Webhook
 from stub import Hit, Reply, Stub
 
-import integrations
-from integrations.cli import main as cli
 from integrations.ledger import deliveries as ledger
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import Endpoint
-from tasks import dispatch_deliveries, publish_webhook
+from tasks import dispatch_deliveries, publish_now, publish_webhook
+from tasks.cli import main as cli
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -99,7 +98,7 @@ def test_an_event_goes_signed_to_the_subscribed_endpoints_only(
     assert attempt["response_excerpt"].startswith("{")
 
     # The library function does the same.
-    [again] = integrations.publish_webhook(f"{key}.updated", [1, 2])
+    [again] = publish_now(f"{key}.updated", [1, 2])
     wait_for(settled(again))
     assert verified(secret, stub.hits_for(key)[-1])["data"] == [1, 2]
 
@@ -264,7 +263,7 @@ def test_the_broker_carries_ids_never_a_secret(
     stub: Stub, key: str, capsys: pytest.CaptureFixture[str], published: list[dict[str, Any]]
 ) -> None:
     _, secret = add_endpoint(f"{stub.url}/echo/{key}", f"{key}.*", capsys)
-    [delivery_id] = integrations.publish_webhook(f"{key}.created", {"x": 1})
+    [delivery_id] = publish_now(f"{key}.created", {"x": 1})
     wait_for(settled(delivery_id))
     assert any(m["task"] == "integrations.deliver_webhook" for m in published)
     assert secret not in json.dumps([m["body"] for m in published], default=str)

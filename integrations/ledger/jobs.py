@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import JSON, Integer, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from integrations.ledger.db import get_engine, retried
@@ -141,6 +141,9 @@ _MOVE_JOB = (
         updated_at=bindparam("b_now", type_=UTCDateTime),
         finished_at=bindparam("b_finished_at", type_=UTCDateTime),
         next_attempt_at=bindparam("b_next_attempt_at", type_=UTCDateTime),
+        meta=bindparam("b_meta", type_=JSON),
+        input_tokens=func.coalesce(bindparam("b_input_tokens", type_=Integer), jobs.c.input_tokens),
+        output_tokens=func.coalesce(bindparam("b_output_tokens", type_=Integer), jobs.c.output_tokens),
     )
 )
 # Postgres: both writes in one statement, so one round trip, atomic on an autocommit connection.
@@ -161,8 +164,7 @@ def claim(job_id: str) -> Claim | None:
     return Claim(job_id, row.service, row.operation, row.params, row.attempts)
 
 
-@retried
-def record_attempt(
+def write_attempt(
     claim: Claim,
     *,
     status: JobStatus,
@@ -172,11 +174,14 @@ def record_attempt(
     error: str | None,
     response_excerpt: str | None,
     next_attempt_at: dt.datetime | None = None,
+    meta: dict[str, Any] | None = None,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
 ) -> None:
     """Store one attempt and move the job to ``status``, atomically.
 
-    Retried while the database is unreachable. When a retry finds the attempt already stored
-    (the first try committed but its reply was lost), there is nothing left to do.
+    When a retry finds the attempt already stored (the first try committed but its reply was
+    lost), there is nothing left to do.
     """
     now = utcnow()
     params = {
@@ -191,6 +196,9 @@ def record_attempt(
         "b_now": now,
         "b_finished_at": now if status in TERMINAL else None,
         "b_next_attempt_at": next_attempt_at,
+        "b_meta": meta or None,
+        "b_input_tokens": input_tokens,
+        "b_output_tokens": output_tokens,
     }
     engine = get_engine()
     try:
@@ -202,6 +210,10 @@ def record_attempt(
                 conn.execute(_MOVE_JOB, params)
     except IntegrityError:
         pass  # uq_job_attempts_job_id_number: this attempt and its job update are in already
+
+
+#: :func:`write_attempt`, retried while the database is unreachable (the worker's way).
+record_attempt = retried(write_attempt)
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,6 +89,10 @@ class Job(Base):
     replay_of: Mapped[str | None] = mapped_column(String(36))
     #: Who submitted the job (an agent's name); per-agent rate limits key on it.
     agent: Mapped[str | None] = mapped_column(String(100))
+    #: What the service's kind keeps of the outcome (warnings, the model that answered, ...).
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    input_tokens: Mapped[int | None] = mapped_column(Integer)
+    output_tokens: Mapped[int | None] = mapped_column(Integer)
 
 
 class BreakerEvent(Base):

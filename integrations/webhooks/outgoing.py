@@ -24,7 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from integrations import http
-from integrations.config import NoAuth, Settings, get_settings
+from integrations.auth import NoAuth
+from integrations.config import Settings, get_settings
 from integrations.errors import CallError, IntegrationError
 from integrations.ledger import deliveries as ledger
 from integrations.ledger.models import utcnow

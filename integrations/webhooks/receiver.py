@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from integrations.config import WebhookSource, get_settings, get_webhooks
+from integrations.config import WebhookSource
 from integrations.errors import WebhookRefused
 from integrations.ledger import events as ledger
 from integrations.webhooks.verify import Delivery, verify
@@ -101,26 +101,3 @@ def _store_and_queue(source: str, delivery: Delivery, publish: Publish, accepted
         # row instead would race with a redelivery answered "duplicate" meanwhile.)
         log.error("webhook for %s stored but not queued (%s); the sweeper will", source, type(e).__name__)
     return _answer(accepted, status="accepted", event_id=event_id)
-
-
-def serve() -> None:
-    """Run the receiver with uvicorn on ``RECEIVER_HOST:RECEIVER_PORT`` (``integrations receiver``)."""
-    import uvicorn
-
-    s = get_settings()
-    sources = get_webhooks()
-    if sources:
-        log.warning("receiving webhooks at /webhooks/{%s}", ",".join(sorted(sources)))
-    else:
-        log.warning("no webhook sources: add a webhooks: section to %s", s.services_file)
-    uvicorn.run(
-        app_from_settings(), host=s.receiver_host, port=s.receiver_port, log_level="info", access_log=False
-    )
-
-
-def app_from_settings() -> FastAPI:
-    """The receiver as the settings and the services file describe it (an app factory for
-    ``uvicorn --factory integrations.webhooks.receiver:app_from_settings``)."""
-    from tasks.events import publish_event
-
-    return create_app(get_webhooks(), publish_event, get_settings().webhook_max_body_bytes)

@@ -1,0 +1,176 @@
+"""The process's settings, from the environment. Defaults are the embedded ones: no Redis, no
+Postgres; every error names the setting, never its value."""
+
+from __future__ import annotations
+
+import functools
+import os
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from integrations import redact
+from integrations.config.secrets import read_secret_file
+from integrations.errors import ConfigError
+
+#: Settings that may hold a secret can also be read from a file named by ``NAME_FILE``.
+FILE_SETTINGS = ("BROKER_URL", "RESULT_BACKEND", "DATABASE_URL", "FLOWER_PASSWORD", "COORDINATION_URL")
+
+
+class Settings(BaseSettings):
+    """The process's settings. Defaults are the embedded ones: no Redis, no Postgres."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    broker_url: str = "filesystem://localhost/"
+    result_backend: str | None = None
+    #: Defaults to SQLite under ``VAR_DIR``.
+    database_url: str = ""
+    services_file: Path = Path("services.yaml")
+    var_dir: Path = Path("var")
+
+    ledger_body_max_bytes: int = Field(4096, ge=0, le=1_000_000)
+    response_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    #: A job's parameters, as JSON, may be this large at most (they are stored in the ledger).
+    params_max_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+    worker_autoscale_max: int = Field(8, ge=1, le=256)
+    worker_autoscale_min: int = Field(2, ge=1, le=256)
+    worker_prefetch_multiplier: int = Field(4, ge=1, le=64)
+    task_soft_time_limit: float = Field(120, gt=0)
+    task_time_limit: float = Field(150, gt=0)
+    #: The longest countdown a retry may sit on the broker. Redis redelivers a message left
+    #: unacknowledged past its visibility timeout, so this must stay well below it.
+    max_countdown: int = Field(900, ge=1)
+    visibility_timeout: int = Field(3600, ge=60)
+    #: A job queued this long without being claimed is presumed lost and published again
+    #: (running jobs: past the task time limit; waiting ones: past the longest countdown).
+    stuck_after: int = Field(900, ge=5)
+    #: How long a worker keeps retrying a ledger write, with backoff, while the database is
+    #: unreachable, so no outcome of a call already made is lost to a database restart.
+    ledger_retry_for: float = Field(300, ge=0)
+
+    #: Task events feed Flower (operators watch the workers there); TASK_EVENTS=false saves
+    #: their cost where nobody watches.
+    task_events: bool = True
+
+    #: The Redis that workers share for global rate limits, pauses and breakers. Defaults to
+    #: a Redis broker; empty on the embedded defaults (then there is nothing to share).
+    coordination_url: str | None = None
+    #: A deferral (rate limit, open breaker, pause) up to this long is a broker countdown;
+    #: a longer one is parked in the ledger and re-queued by beat's dispatcher.
+    defer_countdown_max: int = Field(30, ge=1)
+
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+
+    #: Where the webhook receiver listens (``integrations receiver``, started by ``make run``).
+    receiver_host: str = "127.0.0.1"
+    receiver_port: int = Field(8000, ge=1, le=65535)
+    #: A webhook body over this size is refused with 413 before it is read whole.
+    webhook_max_body_bytes: int = Field(1024 * 1024, ge=1024, le=100 * 1024 * 1024)
+    #: Modules whose ``@handler`` functions receive events, comma-separated (imported by workers).
+    event_handlers: str = ""
+    #: A failing handler is retried this many times, after about ``backoff`` * 2^n seconds
+    #: (full jitter), before its handling is recorded failed.
+    handler_max_retries: int = Field(5, ge=0, le=100)
+    handler_retry_backoff: int = Field(2, ge=1, le=3600)
+
+    #: Outgoing webhooks: seconds before each try (the first is the immediate one). After the
+    #: last, the delivery has failed. The default follows the leading delivery services.
+    webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
+    webhook_timeout: float = Field(10, gt=0, le=120)
+    #: An endpoint with no successful delivery for this long (seconds) is disabled.
+    webhook_disable_after: float = Field(5 * 86400, ge=1)
+    #: Networks outgoing deliveries may reach although they are not public (e.g. 127.0.0.0/8
+    #: in tests), comma-separated. Everything else non-public is refused (an SSRF guard).
+    webhook_allowed_networks: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.worker_autoscale_min > self.worker_autoscale_max:
+            raise ValueError("WORKER_AUTOSCALE_MIN must not exceed WORKER_AUTOSCALE_MAX")
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("TASK_SOFT_TIME_LIMIT must be below TASK_TIME_LIMIT")
+        if self.max_countdown * 2 > self.visibility_timeout:
+            raise ValueError("MAX_COUNTDOWN must be at most half of VISIBILITY_TIMEOUT")
+        if self.defer_countdown_max > self.max_countdown:
+            raise ValueError("DEFER_COUNTDOWN_MAX must be at most MAX_COUNTDOWN")
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.var_dir / 'integrations.db'}"
+        if self.coordination_url is None and self.broker_url.startswith(("redis://", "rediss://")):
+            self.coordination_url = self.broker_url
+        _ = self.retry_schedule, self.allowed_networks  # fail at start-up, not at the first delivery
+        for url in (self.broker_url, self.result_backend, self.database_url, self.coordination_url):
+            redact.register(_password_of(url))
+        if self.flower_password is not None:
+            redact.register(self.flower_password.get_secret_value())
+        return self
+
+    @property
+    def handler_modules(self) -> list[str]:
+        return [m.strip() for m in self.event_handlers.split(",") if m.strip()]
+
+    @property
+    def retry_schedule(self) -> list[float]:
+        try:
+            steps = [float(x) for x in self.webhook_retry_schedule.split(",")]
+        except ValueError:
+            raise ValueError("WEBHOOK_RETRY_SCHEDULE must be comma-separated seconds") from None
+        if not steps or any(x < 0 for x in steps):
+            raise ValueError("WEBHOOK_RETRY_SCHEDULE must be comma-separated seconds, none negative")
+        return steps
+
+    @property
+    def allowed_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        try:
+            return tuple(ip_network(n.strip()) for n in self.webhook_allowed_networks.split(",") if n.strip())
+        except ValueError:
+            raise ValueError("WEBHOOK_ALLOWED_NETWORKS must be comma-separated networks (CIDR)") from None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def results_url(self) -> str:
+        """Where task results go: ``RESULT_BACKEND``, else Redis beside a Redis broker, else the DB."""
+        if self.result_backend:
+            return self.result_backend
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        if self.is_sqlite:
+            # Its own file: result writes then never wait on the ledger's write lock.
+            return f"db+sqlite:///{self.var_dir / 'results.db'}"
+        return "db+" + self.database_url
+
+
+def _password_of(url: str | None) -> str | None:
+    try:
+        return urlsplit(url).password if url else None
+    except ValueError:
+        return None
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment; ``NAME_FILE`` stands in for a secret ``NAME``."""
+    from_files: dict[str, Any] = {}
+    for name in FILE_SETTINGS:
+        file_name = os.environ.get(name + "_FILE")
+        if name not in os.environ and file_name:
+            from_files[name.lower()] = read_secret_file(file_name, name)
+    try:
+        return Settings(**from_files)
+    except ValidationError as e:
+        from integrations.config.loading import describe
+
+        raise ConfigError("invalid settings: " + describe(e, prefix="")) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,180 @@
+"""An operation's parameters as a JSON Schema (2020-12): the one contract that validates a
+job's params at submit and that LLM tools are built from.
+
+The services file may give a parameter's type in short (``str``, ``int | None``, ...) or as a
+JSON Schema of its own (``{type: string, enum: [open, closed], description: ...}``).
+
+Validation is lenient on input and strict on output: a number given as a string (``"5"``) for
+an ``integer`` is coerced, as is a number for a ``string``; then the value must match the schema.
+Error messages name the parameter and the rule, never the value given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, ValidationError
+
+from integrations.errors import InvalidParams
+
+SHORT_TYPES: dict[str, dict[str, Any]] = {
+    "str": {"type": "string"},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "list": {"type": "array"},
+    "dict": {"type": "object"},
+    "any": {},
+}
+#: Keys of a parameter's own schema that are ours, not JSON Schema's.
+_OWN_KEYS = ("required",)
+
+
+def field(spec: str | Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A parameter's ``(schema, required)`` from its short form or its own schema.
+
+    ``"str | None"`` is an optional string; a schema is required unless it has a ``default``
+    or says ``required: false``. Raises ``ValueError`` naming what is wrong (not the value).
+    """
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split("|")]
+        optional = "None" in parts
+        names = [p for p in parts if p != "None"]
+        if not names or any(n not in SHORT_TYPES for n in names):
+            raise ValueError(f"unknown type; use one of {', '.join(SHORT_TYPES)}, optionally '| None'")
+        if "any" in names:
+            return {}, not optional
+        types = [SHORT_TYPES[n]["type"] for n in names]
+        return {"type": types[0] if len(types) == 1 else types}, not optional
+    if isinstance(spec, Mapping):
+        schema = {k: v for k, v in spec.items() if k not in _OWN_KEYS}
+        required = spec.get("required", "default" not in spec)
+        if not isinstance(required, bool):
+            raise ValueError("required: must be true or false")
+        check_schema(schema)
+        return schema, required
+    raise ValueError("a parameter is a type name (str, int, ...) or a JSON Schema mapping")
+
+
+def object_schema(
+    properties: Mapping[str, dict[str, Any]], required: list[str], description: str = ""
+) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": dict(properties), "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def check_schema(schema: Mapping[str, Any]) -> None:
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "schema"
+        raise ValueError(f"not a valid JSON Schema ({where}: {e.validator} is wrong)") from None
+
+
+class Params:
+    """A compiled parameters schema: :meth:`validate` returns the params as they will be sent."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        check_schema(schema)
+        self.schema = schema
+        self._validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+    def validate(self, params: Any) -> dict[str, Any]:
+        """Coerce and check ``params``; raise :class:`InvalidParams` naming each problem."""
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise InvalidParams("params must be a mapping of names to values")
+        required = set(self.schema.get("required", ()))
+        # An optional parameter given as None is the same as one left out.
+        clean = {k: v for k, v in params.items() if v is not None or k in required}
+        clean = dict(coerce(clean, self.schema))
+        errors = sorted(self._validator.iter_errors(clean), key=lambda e: list(e.absolute_path))
+        if errors:
+            raise InvalidParams("; ".join(_describe(e) for e in errors[:5]))
+        return dict(clean)
+
+
+def coerce(value: Any, schema: Mapping[str, Any]) -> Any:
+    """Numbers and booleans given as strings, and numbers given for strings, made what the
+    schema asks; everything else as given."""
+    types = schema.get("type")
+    allowed = set(types) if isinstance(types, list) else {types} if isinstance(types, str) else set()
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        if isinstance(props, dict):
+            return {k: coerce(v, props[k]) if isinstance(props.get(k), dict) else v for k, v in value.items()}
+        return value
+    if isinstance(value, list):
+        items = schema.get("items")
+        return [coerce(v, items) for v in value] if isinstance(items, dict) else value
+    if isinstance(value, str) and allowed and "string" not in allowed:
+        text = value.strip()
+        if "integer" in allowed:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        if "number" in allowed:
+            try:
+                number = float(text)
+                if math.isfinite(number):
+                    return number
+            except ValueError:
+                pass
+        if "boolean" in allowed and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool) and allowed == {"string"}:
+        return str(value)
+    return value
+
+
+def _describe(e: ValidationError) -> str:
+    """One problem, named by its place in the params and the rule, without the value."""
+    where = ".".join(str(p) for p in e.absolute_path)
+    rule: str = str(e.validator)
+    expected: Any = e.validator_value
+    if rule == "required":
+        missing = [name for name in expected if isinstance(e.instance, dict) and name not in e.instance]
+        return "; ".join(f"{_join(where, name)}: required" for name in missing) or f"{where}: required"
+    if rule == "additionalProperties":
+        known = set((e.schema.get("properties") or {}).keys()) if isinstance(e.schema, dict) else set()
+        extra = [str(k)[:64] for k in e.instance if k not in known] if isinstance(e.instance, dict) else []
+        return "; ".join(f"{_join(where, k)}: not a parameter of this operation" for k in extra)
+    if rule == "type":
+        kinds = expected if isinstance(expected, list) else [expected]
+        words = [_TYPE_WORDS.get(str(k), str(k)) for k in kinds]
+        return f"{where or 'params'}: must be {' or '.join(words)}"
+    if rule == "enum":
+        return f"{where}: must be one of {', '.join(json.dumps(v) for v in expected)}"
+    if rule in ("const",):
+        return f"{where}: must be {json.dumps(expected)}"
+    if rule in ("anyOf", "oneOf"):
+        return f"{where}: matches none of the allowed forms"
+    if rule == "format":
+        return f"{where}: must be a valid {expected}"
+    return f"{where or 'params'}: fails {rule} {json.dumps(expected)[:80]}"
+
+
+_TYPE_WORDS = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "null",
+}
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name

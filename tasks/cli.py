@@ -1,0 +1,103 @@
+"""The installed ``integrations`` command: the library's commands (``integrations.cli``) plus
+those that need the Celery app: submitting, replaying, redelivering, serving the receiver."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from integrations import cli
+from integrations.errors import IntegrationError
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from integrations.jobs import resolve
+    from tasks import call_service
+
+    _, op = resolve(args.service, args.operation)
+    params = cli.parse_params(args.params, op.parameters)
+    result = call_service.delay(
+        args.service, args.operation, params, idempotency_key=args.idempotency_key, agent=args.agent
+    )
+    return _show(result, args)
+
+
+def _show(result: Any, args: argparse.Namespace) -> int:
+    if not args.wait:
+        print(result.id)
+        return 0
+    try:
+        out = result.get(timeout=args.timeout)
+    except IntegrationError as e:
+        print(f"job {result.id} failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tasks import replay
+
+    return _show(replay(args.id), args)
+
+
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    from integrations.ledger import deliveries
+    from tasks.webhooks import deliver_webhook
+
+    why_not = deliveries.redeliver(args.id)
+    if why_not:
+        raise IntegrationError(f"cannot redeliver {args.id}: {why_not}")
+    deliver_webhook.delay(args.id)
+    print(f"{args.id} queued for one more try")
+    return 0
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from tasks.receiver import serve
+
+    serve()
+    return 0
+
+
+def _wait_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser, sub = cli.build_parser()
+
+    c = sub.add_parser("call", help="submit a job: SERVICE OPERATION key=value ...")
+    c.add_argument("service")
+    c.add_argument("operation")
+    c.add_argument("params", nargs="*", metavar="key=value")
+    c.add_argument("--idempotency-key")
+    c.add_argument("--agent", help="who submits: the key of per-agent rate limits")
+    _wait_options(c)
+    c.set_defaults(func=cmd_call)
+
+    r = sub.add_parser("replay", help="submit a failed job again, as a new job linked to it")
+    r.add_argument("id")
+    _wait_options(r)
+    r.set_defaults(func=cmd_replay)
+
+    rd = sub.add_parser("redeliver", help="try a finished delivery once more (same webhook-id)")
+    rd.add_argument("id")
+    rd.set_defaults(func=cmd_redeliver)
+
+    sub.add_parser("receiver", help="serve the webhook receiver on RECEIVER_HOST:RECEIVER_PORT").set_defaults(
+        func=cmd_receiver
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
