@@ -1,23 +1,21 @@
 """The one place where HTTP requests are made.
 
 Every outgoing request goes through :func:`send`: a pooled session per service and thread, a
-timeout, an SSRF guard applied to every hop (redirects included), a bounded body, and one
-classification of the outcome into :mod:`integrations.errors`.
+timeout, the SSRF guard on every connection (:mod:`integrations.ssrf`, redirects included),
+redirects followed within the service's origin only, a bounded body, and one classification
+of the outcome into :mod:`integrations.errors`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import ipaddress
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -25,9 +23,10 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from integrations import redact
-from integrations.auth import Auth, requests_auth
+from integrations import redact, ssrf
+from integrations.auth import Auth, QueryAuth, requests_auth
 from integrations.errors import CallError, PermanentError, RateLimited, TransientError
+from integrations.ssrf import Network
 
 USER_AGENT = "agent-integrations/0.1"
 
@@ -43,9 +42,6 @@ class Request:
     content: bytes | None = None
     #: Off for webhooks: a redirect is the receiver's failure, not a place to re-post to.
     follow_redirects: bool = True
-
-
-Network = IPv4Network | IPv6Network
 
 
 class Peer(Protocol):
@@ -102,61 +98,46 @@ class Response:
         return self if body is self.body else replace(self, body=body)
 
 
-class BlockedAddress(PermanentError):
-    """The request's host resolves to an address the service may not reach."""
+class CrossOriginRedirect(PermanentError):
+    """A service's upstream redirected to another origin: not followed, since the request
+    carries the service's credentials and they never go anywhere but the service's origin."""
 
 
-def check_address(url: str, allowed: Sequence[Network] = ()) -> None:
-    """Refuse hosts that resolve to loopback, private, link-local or otherwise non-global
-    addresses, except those in the ``allowed`` networks.
-
-    The check resolves the name itself; a DNS answer that changes between this look-up and the
-    connection (rebinding) is not caught here.
-    """
+def origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    try:
-        infos = socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise TransientError(f"cannot resolve {host}") from e
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        inner = _embedded_ipv4(ip)
-        public = ip.is_global and (inner is None or inner.is_global)
-        if not public and not any(ip in net or (inner is not None and inner in net) for net in allowed):
-            raise BlockedAddress(
-                f"refused to connect to {host}: it resolves to a non-public address "
-                "(a service allows it with allow_private_network or allowed_networks; outgoing webhooks "
-                "with WEBHOOK_ALLOWED_NETWORKS)"
-            )
-
-
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one carries (mapped ::ffff:a.b.c.d, compatible ::a.b.c.d,
-    NAT64 64:ff9b::a.b.c.d), which Python may call global whatever the IPv4 address is."""
-    if ip.version != 6:
-        return None
-    assert isinstance(ip, ipaddress.IPv6Address)
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip in _NAT64 or int(ip) >> 32 == 0:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
 
 
 class GuardedAdapter(HTTPAdapter):
-    """An adapter that applies :func:`check_address` to every request it sends."""
+    """An adapter whose connections go only where the SSRF guard allows (:mod:`integrations.ssrf`),
+    to exactly the address it judged."""
 
     def __init__(self, allowed: Sequence[Network] = ()) -> None:
-        super().__init__()
         self.allowed = tuple(allowed)
+        super().__init__()
 
-    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
-        check_address(request.url or "", self.allowed)
-        return super().send(request, *args, **kwargs)
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = ssrf.pool_classes(self.allowed)
+
+
+class ServiceSession(requests.Session):
+    """A keep-alive session that follows redirects within the first request's origin only."""
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
+        before, after = origin(response.request.url or ""), origin(prepared_request.url or "")
+        if before != after:
+            raise CrossOriginRedirect(
+                f"{before[1]} redirected to another origin ({after[1]}); not followed, so the "
+                "service's credentials stay with its origin"
+            )
+        super().rebuild_auth(prepared_request, response)  # type: ignore[no-untyped-call]
+        # requests re-applies no session auth on a redirect; an API key in the query would be lost.
+        if isinstance(self.auth, QueryAuth) and self.auth.name + "=" not in (prepared_request.url or ""):
+            prepared_request.prepare_auth(self.auth)
 
 
 _local = threading.local()
@@ -178,7 +159,7 @@ def session_for(service: Peer) -> requests.Session:
         sessions = _local.sessions = {}
     session = sessions.get(service.name)
     if session is None:
-        session = requests.Session()
+        session = ServiceSession()
         # Proxies and credentials come from the services file, not from ~/.netrc or the environment.
         session.trust_env = False
         adapter = HTTPAdapter() if service.allow_private_network else GuardedAdapter(service.allowed_networks)
@@ -222,12 +203,14 @@ def send(service: Peer, req: Request, max_bytes: int) -> Response:
                 raise PermanentError(f"response from {host} is larger than {max_bytes} bytes")
     except CallError:
         raise
-    except requests.Timeout as e:
-        raise TransientError(f"{host} did not answer within {service.timeout}s") from e
+    # Not chained (``from None``): the library's exception names the URL, and a traceback of
+    # ours would carry it into logs, the result backend and task events.
+    except requests.Timeout:
+        raise TransientError(f"{host} did not answer within {service.timeout}s") from None
     except requests.ConnectionError as e:
-        raise TransientError(f"connection to {host} failed ({_cause(e)})") from e
+        raise TransientError(f"connection to {host} failed ({_cause(e)})") from None
     except requests.RequestException as e:
-        raise PermanentError(f"request to {host} failed ({type(e).__name__})") from e
+        raise PermanentError(f"request to {host} failed ({type(e).__name__})") from None
     latency_ms = (time.perf_counter() - t0) * 1000
     return Response(r.status_code, r.reason or "", dict(r.headers.lower_items()), body, latency_ms)
 

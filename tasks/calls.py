@@ -21,10 +21,10 @@ from celery.utils.log import get_task_logger
 from integrations import breaker, coordination, jobs
 from integrations.config import get_settings
 from integrations.errors import CallError, PermanentError, RateLimited, TransientError
-from integrations.http import BlockedAddress
 from integrations.ledger import jobs as ledger
 from integrations.ledger.models import JobStatus, utcnow
 from integrations.services import Outcome, Service, get_services
+from integrations.ssrf import BlockedAddress
 from tasks.celeryapp import app
 from tasks.celeryapp import call_task_name as task_name
 

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,6 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stub import Stub  # noqa: E402
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+#: A second database of the same Redis, for workers that must not share the session worker's queue.
+_redis = make_url(REDIS_URL)
+SPARE_REDIS_URL = os.environ.get("TEST_SPARE_REDIS_URL") or _redis.set(
+    database=str((int(_redis.database or 0) + 1) % 16)
+).render_as_string(hide_password=False)
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TOKEN = "tok-" + uuid.uuid4().hex  # the secret the stub services use; must never leak
 # Webhook secrets of the test sources (tests/services.yaml); they must never leak either.

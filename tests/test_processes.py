@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 from celery import Celery
-from conftest import DATABASE_URL, GH_SECRET, free_port
+from conftest import DATABASE_URL, GH_SECRET, SPARE_REDIS_URL, free_port
 from procs import BIN, cli, env_with, python, running, wait_for
 from stub import Reply, Stub
 
@@ -88,7 +88,7 @@ print(sum(r.get(timeout={timeout})["status"] == "succeeded" for r in results))
 
 def test_the_worker_pool_grows_under_a_backlog(tmp_path: Path, stub: Stub, key: str) -> None:
     # Its own Redis database, so the in-process test worker does not take these jobs.
-    broker = "redis://127.0.0.1:6379/14"
+    broker = SPARE_REDIS_URL
     env = env_with(BROKER_URL=broker, RESULT_BACKEND=broker, DATABASE_URL=DATABASE_URL)
     control = Celery(broker=broker)
     with control.connection_for_write() as conn:

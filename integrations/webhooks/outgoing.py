@@ -29,6 +29,7 @@ from integrations.config import Settings, get_settings
 from integrations.errors import CallError, IntegrationError
 from integrations.ledger import deliveries as ledger
 from integrations.ledger.models import utcnow
+from integrations.ssrf import Network
 from integrations.webhooks.verify import sign
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class _Endpoints:
     """The endpoints as a :class:`integrations.http.Peer`: one pooled session for them all."""
 
     timeout: float
-    allowed_networks: tuple[http.Network, ...]
+    allowed_networks: tuple[Network, ...]
     name: str = "outgoing-webhooks"
     allow_private_network: bool = False
     auth: NoAuth = field(default_factory=NoAuth)
