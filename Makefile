@@ -26,17 +26,17 @@ migrate: $(STAMP)
 run: migrate
 	$(BIN)/integrations services
 	$(BIN)/integrations receiver & receiver=$$!; trap 'kill $$receiver 2>/dev/null' EXIT INT TERM; \
-	$(BIN)/celery -A tasks worker --beat --autoscale=$(AUTOSCALE) --loglevel=INFO \
+	$(BIN)/celery -A tasks worker --beat --autoscale=$(AUTOSCALE) --loglevel=$${LOG_LEVEL:-INFO} \
 	    --schedule=$${VAR_DIR:-var}/celerybeat-schedule
 
 receiver: migrate
 	exec $(BIN)/integrations receiver
 
 worker: migrate
-	exec $(BIN)/celery -A tasks worker --autoscale=$(AUTOSCALE) --loglevel=INFO
+	exec $(BIN)/celery -A tasks worker --autoscale=$(AUTOSCALE) --loglevel=$${LOG_LEVEL:-INFO}
 
 beat: migrate
-	exec $(BIN)/celery -A tasks beat --loglevel=INFO --schedule=$${VAR_DIR:-var}/celerybeat-schedule
+	exec $(BIN)/celery -A tasks beat --loglevel=$${LOG_LEVEL:-INFO} --schedule=$${VAR_DIR:-var}/celerybeat-schedule
 
 # Flower on the real stack, behind basic auth; the password stays in the environment, not argv.
 flower: $(STAMP)

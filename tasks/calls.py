@@ -17,11 +17,14 @@ from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 from celery.utils.log import get_task_logger
+from sqlalchemy.exc import SQLAlchemyError
 
 from integrations import breaker, coordination, jobs
 from integrations.config import get_settings
 from integrations.errors import CallError, PermanentError, RateLimited, TransientError
 from integrations.ledger import jobs as ledger
+from integrations.ledger import spool
+from integrations.ledger.db import unreachable
 from integrations.ledger.models import JobStatus, utcnow
 from integrations.services import Outcome, Service, get_services
 from integrations.ssrf import BlockedAddress
@@ -106,6 +109,9 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
         # The slot is used by this run; a retry (Celery re-sends these kwargs) takes a new one.
         self.request.kwargs.pop("slot", None)
     claim = ledger.claim(job_id)
+    if claim is None and spool.flush(job_id):
+        # Its last outcome was kept aside while the ledger was away; recorded now, try again.
+        claim = ledger.claim(job_id)
     if claim is None:
         # Already running elsewhere, or finished: a redelivered message. Store no result, so
         # the job's real result is not overwritten.
@@ -119,7 +125,7 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
     except CallError as e:
         err = e
     except Exception as e:
-        ledger.record_attempt(
+        _record(
             claim,
             status=JobStatus.FAILED,
             started_at=started,
@@ -132,7 +138,7 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
         # Not chained: the cause's text may hold a request's URL.
         raise PermanentError(f"internal error ({type(e).__name__})") from None
     else:
-        ledger.record_attempt(
+        _record(
             claim,
             status=JobStatus.SUCCEEDED,
             started_at=started,
@@ -161,7 +167,7 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
 
     will_retry = err.retryable and self.request.retries < self.max_retries
     wait = err.retry_after if isinstance(err, RateLimited) else None
-    ledger.record_attempt(
+    _record(
         claim,
         status=JobStatus.RETRYING if will_retry else JobStatus.FAILED,
         started_at=started,
@@ -180,6 +186,24 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
         # Honour the server's Retry-After instead of our own backoff.
         raise self.retry(exc=err, countdown=wait)
     raise err  # autoretry_for retries TransientError with the service's backoff; others fail
+
+
+def _record(claim: ledger.Claim, **fields: Any) -> None:
+    """Record an attempt's outcome; if the ledger stays away past the task's time (the retried
+    write is cut by the soft time limit) or past LEDGER_RETRY_FOR, keep it aside
+    (:mod:`integrations.ledger.spool`) rather than lose it: the upstream was called, and a
+    sweeper re-run would call it again."""
+    try:
+        ledger.record_attempt(claim, **fields)
+    except (SoftTimeLimitExceeded, SQLAlchemyError) as e:
+        if isinstance(e, SQLAlchemyError) and not unreachable(e):
+            raise
+        spool.put(claim, fields)
+        log.warning(
+            "ledger unreachable (%s): job %s's outcome kept aside until it is back",
+            type(e).__name__,
+            claim.job_id,
+        )
 
 
 def _gate(task: Task, svc: Service, job_id: str, slot: int | None, agent: str | None) -> None:
@@ -223,8 +247,8 @@ def _observe(svc: Service, out: Outcome | None, err: CallError | None) -> None:
     breaker count, never the outcome."""
     try:
         _feed(svc, out, err)
-    except redis.RedisError as e:
-        log.warning("shared state unreachable (%s); %s outcome not counted", type(e).__name__, svc.name)
+    except (redis.RedisError, SoftTimeLimitExceeded) as e:
+        log.warning("shared state not updated (%s); %s outcome not counted", type(e).__name__, svc.name)
 
 
 def _feed(svc: Service, out: Outcome | None, err: CallError | None) -> None:

@@ -8,6 +8,7 @@ app is finalized. Importing ``tasks`` needs neither the environment nor the serv
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -16,14 +17,15 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_i
 import beat_schedule
 from integrations import redact
 from integrations.config import Mailbox, Settings, get_mailboxes, get_settings
+from integrations.config.settings import private_dir, private_file
 from integrations.services import Service, get_services
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith("filesystem://"):
-        folder = (settings.var_dir / "broker").resolve()
+        folder = private_dir(settings.var_dir / "broker").resolve()
         for sub in ("queue", "processed", "control"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
+            private_dir(folder / sub)
         return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
@@ -64,6 +66,10 @@ def beat_entries(services: dict[str, Service], mailboxes: dict[str, Mailbox]) ->
 def celery_config(
     settings: Settings, services: dict[str, Service], mailboxes: dict[str, Mailbox]
 ) -> dict[str, Any]:
+    if settings.is_sqlite or settings.broker_url.startswith("filesystem://"):
+        private_dir(settings.var_dir)
+    if settings.results_url.startswith("db+sqlite:///"):
+        private_file(Path(settings.results_url.removeprefix("db+sqlite:///")))
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.results_url,

@@ -9,6 +9,7 @@ from celery.utils.log import get_task_logger
 from integrations import breaker, coordination, health
 from integrations.config import get_settings
 from integrations.ledger import jobs as ledger
+from integrations.ledger import spool
 from integrations.ledger.models import utcnow
 from integrations.services import get_services
 from tasks.calls import publish
@@ -25,6 +26,8 @@ def requeue_stuck_jobs() -> int:
     hard time limit (no worker can still be at it), or waited for a retry past the longest
     countdown. The claim in the worker makes a spare message harmless.
     """
+    # Outcomes kept aside while the ledger was away first: their jobs are not stuck.
+    spool.flush()
     s = get_settings()
     now = utcnow()
 

@@ -34,5 +34,9 @@ def serve() -> None:
     else:
         log.warning("no webhook sources: add a webhooks: section to %s", s.services_file)
     uvicorn.run(
-        app_from_settings(), host=s.receiver_host, port=s.receiver_port, log_level="info", access_log=False
+        app_from_settings(),
+        host=s.receiver_host,
+        port=s.receiver_port,
+        log_level=s.log_level.lower(),
+        access_log=False,
     )

@@ -439,3 +439,47 @@ def test_postgres_unreachable_for_ten_seconds_mid_flight(tmp_path: Path, stub: S
         all_done_s_after_restore=round(recovered, 1),
         ledger_retries_logged=sum(count_lines(p, "ledger unreachable") for p in logs),
     )
+
+
+RESULT = """
+from tasks import call_service
+print(call_service.AsyncResult({job_id!r}).get(timeout=30)["status"])
+"""
+
+
+@pytest.mark.timeout(180)
+def test_an_outcome_got_while_postgres_is_away_past_the_time_limit_is_recorded_once_it_is_back(
+    tmp_path: Path, stub: Stub, key: str
+) -> None:
+    # The upstream answers after 1 s; the ledger goes away meanwhile and stays away past the
+    # task's soft time limit (3 s), which cuts the retrying write. The outcome must not be lost
+    # (the sweeper would call the upstream again): it is kept aside and recorded later.
+    stub.plan(key, Reply(delay=1.0))
+    db = make_url(DATABASE_URL)
+    target = (db.host or "127.0.0.1", db.port or 5432)
+    short = {**FAULT_SETTINGS, "TASK_SOFT_TIME_LIMIT": 3, "TASK_TIME_LIMIT": 6, "LEDGER_RETRY_FOR": 300}
+    with TcpProxy(target) as proxy, redis_server(tmp_path) as server:
+        via_proxy = db.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        env = stack_env(server.url, via_proxy, SERVICES_FILE=FAULT_SERVICES, **short)
+        log = tmp_path / "worker-spool.log"
+        with worker_nodes(["spool"], env, tmp_path, ["-P", "prefork", "-c", "1"]), sweeper(env, tmp_path):
+            [job_id] = submit("flaky", key, 1, env)
+            wait_for(lambda: stub.hits_for(key), 20, "the call to reach the upstream", log)
+            proxy.cut()
+            cut_at = time.monotonic()
+            spool = redis.Redis(port=server.port, socket_timeout=2)
+            wait_for(lambda: spool.hexists("integrations:spool", job_id), 20, "the outcome kept aside", log)
+            # The agent has its result although the ledger is still away.
+            result = python(RESULT.format(job_id=job_id), env, timeout=60)
+            assert result.stdout.strip() == "succeeded", result.stderr[-2000:]
+            time.sleep(max(0.0, 8 - (time.monotonic() - cut_at)))  # away for longer than the hard limit
+            proxy.restore()
+            rows = wait_terminal([job_id], 60, [log])
+            wait_for(lambda: not spool.hexists("integrations:spool", job_id), 20, "the spool to empty", log)
+            spool.close()
+            time.sleep(3)  # the sweeper runs every second: it must not run the job again
+    job = ledger.get_job(job_id, with_attempts=True)
+    assert job is not None and rows[job_id]["status"] == "succeeded"
+    assert job["attempts"] == 1 and [a["outcome"] for a in job["attempts_log"]] == ["succeeded"]
+    assert len(stub.hits_for(key)) == 1
+    assert "kept aside" in log.read_text()

@@ -83,7 +83,7 @@ def test_the_broker_carries_only_the_job_id(published: list[dict[str, Any]], key
 @pytest.mark.parametrize(
     ("args", "error", "message"),
     [
-        (("nosuch", "echo", {}), UnknownService, "unknown service (known: guarded, stub"),
+        (("nosuch", "echo", {}), UnknownService, "unknown service (known: apikey_closed, guarded, stub"),
         (
             ("stub", "nosuch", {}),
             UnknownOperation,
@@ -209,7 +209,7 @@ def test_retry_after_is_honoured(stub: Stub, key: str, form: str, status: int) -
 
 def test_a_refused_address_fails_without_reaching_the_host(stub: Stub, key: str) -> None:
     r = call_service.delay("guarded", "echo", {"key": key})
-    with pytest.raises(PermanentError, match="non-public address"):
+    with pytest.raises(PermanentError, match="not a public address"):
         r.get(timeout=20)
     assert stub.hits_for(key) == []
 

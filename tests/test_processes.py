@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 from celery import Celery
-from conftest import DATABASE_URL, GH_SECRET, SPARE_REDIS_URL, free_port
+from conftest import DATABASE_URL, GH_SECRET, SPARE_REDIS_URL, TOKEN, free_port
 from procs import BIN, cli, env_with, python, running, wait_for
 from stub import Reply, Stub
 
@@ -76,7 +76,59 @@ def test_make_run_serves_a_job_and_a_webhook_from_other_processes_on_embedded_de
         assert result["job_id"] in jobs.stdout and "succeeded" in jobs.stdout
         assert "beat: Starting" in log.read_text()
     assert len(stub.hits_for(key)) == 1
-    assert (tmp_path / "var" / "integrations.db").exists()
+    # Everything the embedded defaults keep is its owner's alone.
+    var = tmp_path / "var"
+    assert var.stat().st_mode & 0o777 == 0o700
+    for private in (var / "integrations.db", var / "results.db"):
+        assert private.stat().st_mode & 0o777 == 0o600, private.name
+    assert (var / "broker").stat().st_mode & 0o777 == 0o700
+
+
+def test_the_ledger_defaults_to_sqlite_under_var_dir_made_private(tmp_path: Path) -> None:
+    env = env_with(DATABASE_URL=None, BROKER_URL=None, RESULT_BACKEND=None, VAR_DIR=tmp_path / "state")
+    out = cli("migrate", env=env)
+    assert out.returncode == 0, out.stderr
+    db = tmp_path / "state" / "integrations.db"
+    assert db.stat().st_mode & 0o777 == 0o600 and (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    assert cli("jobs", env=env).returncode == 0
+
+
+DEBUG_SUBMIT = """
+from tasks import call_service
+print(call_service.delay("stub_apikey", "echo", {{"key": "{key}"}}).get(timeout=60)["status"])
+try:
+    call_service.delay("apikey_closed", "echo", {{"key": "{key}"}}).get(timeout=60)
+except Exception as e:
+    print(type(e).__name__)
+"""
+
+
+def test_at_debug_level_no_process_logs_a_credential(tmp_path: Path, stub: Stub, key: str) -> None:
+    # urllib3 logs every request line at DEBUG, query string (api_key) included; the receiver
+    # and beat run beside the worker in `make run`.
+    env = env_with(
+        BROKER_URL=None,
+        RESULT_BACKEND=None,
+        VAR_DIR=tmp_path / "var",
+        DATABASE_URL=f"sqlite:///{tmp_path}/var/integrations.db",
+        WORKER_AUTOSCALE_MAX=2,
+        WORKER_AUTOSCALE_MIN=1,
+        RECEIVER_PORT=(port := free_port()),
+        LOG_LEVEL="DEBUG",
+    )
+    log = tmp_path / "run.log"
+    with running(["make", "--no-print-directory", "run"], env, log):
+        wait_for(lambda: "ready." in log.read_text(), 90, "`make run` to start its worker", log)
+        body, headers = signed_github_delivery({"action": "opened"})
+        r = requests.post(f"http://127.0.0.1:{port}/webhooks/gh", data=body, headers=headers, timeout=10)
+        assert r.status_code == 202, r.text
+        out = python(DEBUG_SUBMIT.format(key=key), env, timeout=120)
+        assert out.stdout.split() == ["succeeded", "TransientError"], out.stderr[-2000:]
+        wait_for(lambda: "[REDACTED]" in log.read_text(), 20, "the redacted request line", log)
+    text = log.read_text()
+    assert "DEBUG" in text and f"/echo/{key}?api_key=[REDACTED]" in text
+    for secret in (TOKEN, GH_SECRET):
+        assert secret not in text
 
 
 SUBMIT_MANY = """

@@ -7,18 +7,39 @@ Two loopback servers play the parts: the stub on 127.0.0.1 (the service) and ano
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
+import re
 import socket
+import threading
+import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import pytest
-from conftest import TOKEN
+import redis
+import requests
+from celery.signals import before_task_publish
+from conftest import GH_SECRET, IMAP_PASSWORD, REDIS_URL, TOKEN
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from procs import cli, env_with
+from sqlalchemy import func, select
 from stub import Reply, Stub
 
 from integrations import http, ssrf
-from integrations.errors import PermanentError
+from integrations.config import Settings
+from integrations.errors import ConfigError, InvalidParams, PermanentError, TransientError
+from integrations.jobs import resolve
+from integrations.ledger import deliveries
 from integrations.ledger import jobs as ledger
+from integrations.ledger.db import get_engine
+from integrations.ledger.models import Job
+from integrations.services import Attempt, load_services
 from integrations.services.rest import RestService
 from tasks import call_service
 
@@ -31,6 +52,24 @@ def elsewhere() -> Iterator[Stub]:
     server = Stub(host="127.0.0.2").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def published() -> Iterator[list[Any]]:
+    """Every message published while the test runs."""
+    seen: list[Any] = []
+
+    def record(sender: str, body: Any, **_: Any) -> None:
+        seen.append((sender, body))
+
+    before_task_publish.connect(record, weak=False)
+    yield seen
+    before_task_publish.disconnect(record)
+
+
+def job_count() -> int:
+    with get_engine().connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(Job)).scalar_one())
 
 
 def credentials_in(hit: Any) -> list[str]:
@@ -102,8 +141,6 @@ def service_at(base_url: str, **fields: Any) -> RestService:
 
 
 def send(svc: RestService, key: str) -> http.Response:
-    from integrations.services import Attempt
-
     op = svc.catalog()["echo"]
     return svc.send(svc.request(op, {"key": key}, Attempt("job")))
 
@@ -191,3 +228,254 @@ def test_a_scoped_link_local_address_is_a_permanent_refusal() -> None:
     svc = service_at("http://[fe80::1%25lo]:8080")
     with pytest.raises(ssrf.BlockedAddress):
         send(svc, "k")
+
+
+# ------------------------------------------------------------------------------------------------
+# 2, 4. Nothing Celery stores or emits, nothing the ledger keeps or the CLI shows, holds a credential
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def task_events(app: Any) -> Iterator[list[dict[str, Any]]]:
+    """Every event the workers send while the block runs (what Flower sees)."""
+    seen: list[dict[str, Any]] = []
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+        thread = threading.Thread(target=receiver.capture, kwargs={"wakeup": False}, daemon=True)
+        thread.start()
+        # The receiver consumes once a warm-up job's events come through.
+        deadline = time.monotonic() + 20
+        while not seen and time.monotonic() < deadline:
+            call_service.delay("stub", "echo", {"key": "warm-up"}).get(timeout=10)
+            time.sleep(0.5)
+        assert seen, "no task event within 20 s"
+        try:
+            yield seen
+        finally:
+            time.sleep(1.0)  # the job's last events
+            receiver.should_stop = True
+            thread.join(timeout=5)
+
+
+def test_a_failed_job_leaves_no_credential_in_the_result_backend_or_task_events(app: Any, key: str) -> None:
+    # urllib3's error for a refused connection names the URL, query string (api_key) included.
+    with task_events(app) as events:
+        r = call_service.delay("apikey_closed", "echo", {"key": key})
+        with pytest.raises(TransientError, match="connection refused"):
+            r.get(timeout=20)
+    stored = redis.Redis.from_url(REDIS_URL).get(f"celery-task-meta-{r.id}")
+    assert stored is not None and b"TransientError" in stored
+    assert TOKEN.encode() not in stored
+    failed = [e for e in events if e.get("type") == "task-failed" and e.get("uuid") == r.id]
+    assert failed and "connection refused" in failed[0]["exception"]
+    assert TOKEN not in json.dumps(events)
+    job = ledger.get_job(r.id, with_attempts=True)
+    assert job is not None and TOKEN not in json.dumps(job, default=str)
+
+
+def test_an_upstream_that_echoes_credentials_does_not_put_them_in_the_ledger_or_the_result(
+    stub: Stub, key: str
+) -> None:
+    # The stub echoes the query (api_key) in its body; another answer quotes the bearer token.
+    echoed = call_service.delay("stub_apikey", "echo", {"key": key}).get(timeout=20)
+    assert echoed["data"]["query"] == {"api_key": ["[REDACTED]"]}
+    stub.plan(key, Reply(body={"you_sent": f"Authorization: Bearer {TOKEN}", "url_safe": quote(TOKEN)}))
+    quoted = call_service.delay("stub", "echo", {"key": key}).get(timeout=20)
+    assert TOKEN not in json.dumps(quoted)
+    for job_id in (echoed["job_id"], quoted["job_id"]):
+        job = ledger.get_job(job_id, with_attempts=True)
+        assert job is not None and "[REDACTED]" in (job["response_excerpt"] or "")
+        assert TOKEN not in json.dumps(job, default=str)
+        shown = cli("job", job_id)
+        assert shown.returncode == 0 and "[REDACTED]" in shown.stdout and TOKEN not in shown.stdout
+    stored = redis.Redis.from_url(REDIS_URL).get(f"celery-task-meta-{echoed['job_id']}")
+    assert stored is not None and TOKEN.encode() not in stored
+
+
+# ------------------------------------------------------------------------------------------------
+# 5, 12. The services file: errors never echo a value; URLs carry no credentials; bad forms refused
+# ------------------------------------------------------------------------------------------------
+
+SECRET = "s3cr3t-" + uuid.uuid4().hex
+BASE = """
+services:
+  api:
+    base_url: https://api.example.com
+    auth: {type: bearer, token: "${T_SEC}"}
+    operations:
+      get: {method: GET, path: "/things/{id}"}
+"""
+
+
+def load_text(tmp_path: Path, text: str) -> dict[str, Any]:
+    path = tmp_path / "services.yaml"
+    path.write_text(text)
+    return load_services(path, Settings())
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ("base_url: https://api.example.com", "kind: ${T_SEC}\n    base_url: https://x.example"),
+            "kind: unknown kind",
+        ),
+        (("type: bearer", "type: ${T_SEC}"), "auth: unknown type; expected one of"),
+        (('path: "/things/{id}"', 'path: "/things/{${T_SEC}}"'), "plain {name} placeholders only"),
+        (('path: "/things/{id}"', 'path: "/things/{id:>99999999}"'), "plain {name} placeholders only"),
+        (('path: "/things/{id}"', 'path: "/things/{0}"'), "plain {name} placeholders only"),
+        (('path: "/things/{id}"', 'path: "/things/{id.__class__}"'), "plain {name} placeholders only"),
+        (("method: GET", "method: ${T_SEC}"), "operations.get.method"),
+        (("method: GET", "method: GET, query: {q: '${T_SEC}'}"), "unknown type; use one of"),
+        (
+            ("base_url: https://api.example.com", "base_url: https://api.example.com\n    timeout: ${T_SEC}"),
+            ".timeout",
+        ),
+        (("base_url: https://api.example.com", "base_url: ${T_SEC}"), "base_url"),
+        (
+            ("https://api.example.com", "https://bot:${T_SEC}@api.example.com"),
+            "must not contain a user name or password",
+        ),
+        (
+            ("https://api.example.com", "https://api.example.com/?key=${T_SEC}"),
+            "must not have a query string",
+        ),
+        (("operations:", "health: {operation: '${T_SEC}'}\n    operations:"), "health.operation: not one of"),
+        (("operations:", "rate_limit: '${T_SEC}'\n    operations:"), "rate_limit: must look like"),
+        (("operations:", "rate_limit: 0/s\n    operations:"), "rate_limit: must be above zero"),
+    ],
+)
+def test_a_secret_in_the_wrong_field_is_never_echoed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: tuple[str, str], expected: str
+) -> None:
+    monkeypatch.setenv("T_SEC", SECRET)
+    with pytest.raises(ConfigError) as e:
+        load_text(tmp_path, BASE.replace(*change))
+    assert expected in str(e.value)
+    assert SECRET not in str(e.value) and "s3cr3t" not in str(e.value)
+
+
+def test_a_deeply_nested_services_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_text(tmp_path, "services:\n  x: " + "[" * 5000 + "]" * 5000 + "\n")
+
+
+def test_integrations_services_never_prints_a_secret_and_lists_webhooks_and_mailboxes(
+    tmp_path: Path,
+) -> None:
+    out = cli("services")
+    assert out.returncode == 0, out.stderr
+    assert "gh (github)" in out.stdout and "std (standard)" in out.stdout
+    assert "mail_repeat (127.0.0.1:" in out.stdout and "mail_off (" in out.stdout and "disabled" in out.stdout
+    for secret in (TOKEN, GH_SECRET, IMAP_PASSWORD):
+        assert secret not in out.stdout
+    path = tmp_path / "services.yaml"
+    path.write_text(BASE.replace("https://api.example.com", "https://bot:${T_SEC}@api.example.com"))
+    refused = cli("services", env=env_with(SERVICES_FILE=path, T_SEC=SECRET))
+    assert refused.returncode == 2 and SECRET not in refused.stdout + refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# 7, 11. Params: no value leaves the base path or changes the origin; bounded; JSON only
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [".", "..", "%2e", "%2E%2e", ".%2E", "%252e%252e"])
+def test_dot_segments_in_a_path_parameter_are_refused_at_submit(
+    value: str, published: list[Any], stub: Stub
+) -> None:
+    before = job_count()
+    with pytest.raises(InvalidParams, match=re.escape("id: must not be '.' or '..'")):
+        call_service.delay("stub_based", "item", {"id": value})
+    assert job_count() == before and published == []
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ident=st.text(min_size=1, max_size=40).filter(lambda v: not _is_dot(v)),
+    q=st.text(max_size=40),
+    tags=st.lists(st.text(max_size=10), max_size=3),
+)
+def test_no_parameter_value_changes_the_origin_or_leaves_the_base_path(
+    ident: str, q: str, tags: list[str]
+) -> None:
+    svc, op = resolve("stub_based", "item")
+    assert isinstance(svc, RestService)
+    params = op.validate_params({"id": ident, "q": q, "tags": tags})
+    req = svc.request(op, params, Attempt("job"))
+    sent = requests.Request(req.method, req.url, params=req.params).prepare()
+    base, url = urlsplit(svc.base_url), urlsplit(sent.url or "")
+    assert (url.scheme, url.netloc) == (base.scheme, base.netloc)
+    assert url.path.startswith("/api/v1/tenant42/items/") and url.path.count("/") == 5
+
+
+def _is_dot(value: str) -> bool:
+    from integrations.services.rest import _dot_segment
+
+    return _dot_segment(value)
+
+
+def test_tricky_path_values_reach_the_server_inside_the_base_path(stub: Stub, key: str) -> None:
+    for value in (f"{key}/../../admin", f"{key}?x=1#f", f"{key}\\..", f"{key}%2F.."):
+        out = call_service.delay("stub_based", "item", {"id": value}).get(timeout=20)
+        assert out["status"] == "succeeded"
+    paths = [h.path for h in stub.hits if h.path.startswith("/api/v1/tenant42/items/") and key in h.path]
+    assert len(paths) == 4 and all(p.count("/") == 5 for p in paths)
+
+
+def test_params_larger_than_params_max_bytes_are_refused_and_write_nothing(published: list[Any]) -> None:
+    before = job_count()
+    with pytest.raises(InvalidParams, match="larger than 262144 bytes"):
+        call_service.delay("stub", "create", {"key": "k", "title": "x" * 300_000})
+    assert job_count() == before and published == []
+
+
+@pytest.mark.parametrize("tags", [[object()], [float("nan")], [{1: set()}]])
+def test_params_that_are_not_json_are_invalid_params_not_a_ledger_error(
+    tags: list[Any], published: list[Any]
+) -> None:
+    before = job_count()
+    with pytest.raises(InvalidParams, match="params must be JSON values"):
+        call_service.delay("stub", "create", {"key": "k", "title": "t", "tags": tags})
+    assert job_count() == before and published == []
+
+
+def test_the_cli_reads_each_value_as_its_parameter_is_declared(stub: Stub, key: str) -> None:
+    # key is a string: "1e3" stays text (JSON would read 1000.0); n is an integer.
+    out = cli("call", "stub", "echo", f"key={key}1e3", "n=7", "--wait", "--timeout", "30")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["data"]["query"] == {"n": ["7"]}
+    assert [h.path for h in stub.hits_for(key + "1e3")] == [f"/echo/{key}1e3"]
+    number_as_text = cli("call", "stub", "echo", "key=1e3", "--wait", "--timeout", "30")
+    assert number_as_text.returncode == 0, number_as_text.stderr
+    assert stub.hits_for("1e3")
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Outgoing webhook endpoints are validated when added
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://127.0.0.1:70000/hook", "malformed host or port"),
+        ("http://127.0.0.1:0/hook", "port out of range"),
+        (f"http://agent:{SECRET}@127.0.0.1/hook", "must not contain a user name or password"),
+        ("http://127.0.0.1/hook\r\nX-Injected: 1", "whitespace or control characters"),
+        ("http://127.0.0.1/a hook", "whitespace or control characters"),
+        ("http://[::1", "malformed host or port"),
+        ("http://10.0.0.1/hook", "not a public address"),
+        ("http://[::ffff:10.0.0.1]/hook", "not a public address"),
+        ("http://no-such-host.invalid/hook", "does not resolve"),
+        ("ftp://example.com/hook", "must be http:// or https://"),
+    ],
+)
+def test_an_endpoint_that_could_never_be_delivered_to_is_refused_when_added(url: str, expected: str) -> None:
+    before = len(deliveries.list_endpoints())
+    out = cli("endpoints", "add", url, "--events", "*")
+    assert out.returncode == 2
+    assert expected in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert SECRET not in out.stderr and "Traceback" not in out.stderr
+    assert len(deliveries.list_endpoints()) == before

@@ -223,6 +223,37 @@ def test_a_malformed_body_is_400_an_unknown_source_404_and_a_large_body_413(rece
     assert event_count() == before
 
 
+def signed_github(body: bytes, delivery: str | None = None) -> dict[str, str]:
+    return {
+        "X-Hub-Signature-256": "sha256=" + hmac.new(GH_SECRET.encode(), body, hashlib.sha256).hexdigest(),
+        "X-GitHub-Event": "push",
+        "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+        "Content-Type": "application/json",
+    }
+
+
+@pytest.mark.parametrize("depth", [65, 30_000])
+def test_json_nested_too_deeply_is_400_not_a_server_error(receiver: str, depth: int) -> None:
+    body = b"[" * depth + b"]" * depth
+    assert "nested deeper than 64" in refused(receiver, "/webhooks/gh", body, signed_github(body), 400)
+
+
+def test_json_nested_as_deep_as_allowed_is_accepted(receiver: str) -> None:
+    body = b"[" * 64 + b"]" * 64
+    r = requests.post(f"{receiver}/webhooks/gh", data=body, headers=signed_github(body), timeout=10)
+    assert r.status_code == 202, r.text
+
+
+def test_a_delivery_id_longer_than_the_ledger_keeps_is_refused_not_cut(receiver: str) -> None:
+    # Cut to 255 characters, two distinct ids sharing a prefix would be one delivery.
+    body = b'{"ref": "x"}'
+    prefix = "d" * 255
+    msg = refused(receiver, "/webhooks/gh", body, signed_github(body, prefix + "-1"), 400)
+    assert "delivery id is longer than 255" in msg
+    r = requests.post(f"{receiver}/webhooks/gh", data=body, headers=signed_github(body, prefix), timeout=10)
+    assert r.status_code == 202, r.text
+
+
 # --- Standard Webhooks, signed by the standardwebhooks library ------------------------------------
 
 

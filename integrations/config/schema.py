@@ -64,8 +64,9 @@ def check_rate(spec: str | None) -> str | None:
 RateSpec = Annotated[str | None, AfterValidator(check_rate)]
 
 
-def check_url(url: str, *, what: str = "URL", path_allowed: bool = True) -> str:
-    """An ``http(s)://host[:port][/path]`` URL with no user name, password, query or fragment.
+def check_url(url: str, *, what: str = "URL", path_allowed: bool = True, query_allowed: bool = False) -> str:
+    """An ``http(s)://host[:port][/path]`` URL with no user name, password, query (unless
+    ``query_allowed``) or fragment.
 
     Raises ``ValueError`` naming what is wrong, never the URL (it may hold a password)."""
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
@@ -79,8 +80,10 @@ def check_url(url: str, *, what: str = "URL", path_allowed: bool = True) -> str:
         raise ValueError(f"{what} must be http:// or https:// with a host")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise ValueError(f"{what} must not contain a user name or password (put credentials in auth:)")
-    if parts.query or parts.fragment or url.endswith(("?", "#")):
-        raise ValueError(f"{what} must not have a query string or fragment")
+    if parts.fragment or url.endswith("#"):
+        raise ValueError(f"{what} must not have a fragment")
+    if not query_allowed and (parts.query or url.endswith("?")):
+        raise ValueError(f"{what} must not have a query string")
     if port == 0:
         raise ValueError(f"{what} has a port out of range")
     if not path_allowed and parts.path not in ("", "/"):

@@ -7,10 +7,10 @@ import functools
 import os
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from integrations import redact
@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     #: unreachable, so no outcome of a call already made is lost to a database restart.
     ledger_retry_for: float = Field(300, ge=0)
 
+    #: The level every process logs at (``make run``, worker, beat, receiver).
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
     #: Task events feed Flower (operators watch the workers there); TASK_EVENTS=false saves
     #: their cost where nobody watches.
     task_events: bool = True
@@ -89,6 +92,11 @@ class Settings(BaseSettings):
     #: Networks outgoing deliveries may reach although they are not public (e.g. 127.0.0.0/8
     #: in tests), comma-separated. Everything else non-public is refused (an SSRF guard).
     webhook_allowed_networks: str = ""
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -147,6 +155,26 @@ class Settings(BaseSettings):
             # Its own file: result writes then never wait on the ledger's write lock.
             return f"db+sqlite:///{self.var_dir / 'results.db'}"
         return "db+" + self.database_url
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only its owner may enter (the embedded ledger, broker and beat
+    files live there): made so, or tightened when it is ours."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """``path`` as a file only its owner may read, created empty when missing (SQLite then
+    gives its -wal and -shm files the same mode)."""
+    private_dir(path.parent)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    elif path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+    return path
 
 
 def _password_of(url: str | None) -> str | None:

@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from integrations.config import get_settings
+from integrations.config.settings import private_file
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -35,7 +36,7 @@ def make_engine(url: str, autocommit: bool = False) -> Engine:
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
-            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            private_file(Path(u.database))
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from integrations import http
+from integrations import http, ssrf
 from integrations.auth import NoAuth
 from integrations.config import Settings, get_settings
+from integrations.config.schema import check_url
 from integrations.errors import CallError, IntegrationError
 from integrations.ledger import deliveries as ledger
 from integrations.ledger.models import utcnow
@@ -65,9 +66,7 @@ def add_endpoint(
     url: str, event_types: list[str], secret: str | None = None, description: str | None = None
 ) -> tuple[str, str]:
     """Store an endpoint; return ``(endpoint_id, secret)`` (a new secret unless one is given)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise IntegrationError("endpoint URL must be http:// or https:// with a host")
+    check_endpoint_url(url, get_settings().allowed_networks)
     event_types = [t.strip() for t in event_types if t.strip()]
     if not event_types:
         raise IntegrationError("give at least one event type (or '*' for all)")
@@ -78,6 +77,25 @@ def add_endpoint(
     except ValueError:
         raise IntegrationError("secret must look like whsec_<base64>") from None
     return ledger.add_endpoint(url, secret, event_types, description), secret
+
+
+def check_endpoint_url(url: str, networks: tuple[Network, ...]) -> None:
+    """Refuse what could never be delivered safely: a malformed URL, credentials in it, a host
+    that is (or resolves to) a non-public address outside ``networks``. Raises
+    :class:`IntegrationError` naming the problem, never the URL."""
+    try:
+        check_url(url, what="endpoint URL", query_allowed=True)
+    except ValueError as e:
+        raise IntegrationError(str(e)) from None
+    parts = urlsplit(url)
+    try:
+        ssrf.resolve(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), networks)
+    except ssrf.BlockedAddress:
+        raise IntegrationError(
+            "endpoint URL: its host is not a public address (WEBHOOK_ALLOWED_NETWORKS allows networks)"
+        ) from None
+    except (OSError, UnicodeError):
+        raise IntegrationError("endpoint URL: its host name does not resolve") from None
 
 
 def publish(event_type: str, data: Any) -> list[str]:

@@ -26,6 +26,12 @@ from integrations.errors import BadSignature, MalformedBody
 
 #: How far a signed timestamp may be from our clock, either way (seconds).
 TOLERANCE = 300
+#: The longest delivery id kept whole (the ledger's column); a longer one is refused, since cut
+#: it would make two deliveries one.
+DELIVERY_ID_MAX = 255
+#: JSON nested deeper than this is refused: no sender nests so deep, and Python's parser and
+#: the ledger's serialiser would fail on it with a RecursionError.
+JSON_DEPTH_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,10 @@ class Delivery:
 
 def verify(source: WebhookSource, headers: Mapping[str, str], body: bytes, now: float) -> Delivery:
     """Check a delivery for ``source``; ``headers`` with lower-case names."""
-    return _VERIFIERS[source.type](source.secrets, headers, body, now)
+    delivery = _VERIFIERS[source.type](source.secrets, headers, body, now)
+    if len(delivery.delivery_id) > DELIVERY_ID_MAX:
+        raise MalformedBody(f"delivery id is longer than {DELIVERY_ID_MAX} characters")
+    return delivery
 
 
 def _hmac_sha256(key: bytes, message: bytes) -> bytes:
@@ -74,9 +83,27 @@ def _timestamp(raw: str | None, now: float, header: str) -> int:
 
 def _json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        value = json.loads(body)
+    except RecursionError:
+        raise MalformedBody(f"body is nested deeper than {JSON_DEPTH_MAX} levels") from None
     except ValueError:
         raise MalformedBody("body is not valid JSON") from None
+    if _too_deep(value, JSON_DEPTH_MAX):
+        raise MalformedBody(f"body is nested deeper than {JSON_DEPTH_MAX} levels")
+    return value
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and objects more than ``limit`` deep (without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _content_type(headers: Mapping[str, str]) -> str:
