@@ -8,6 +8,7 @@ nothing to share and every call is allowed; Celery's per-worker ``rate_limit`` s
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import redis
@@ -71,19 +72,41 @@ class Decision:
     wait: float
     slot: int | None = None
     paused: bool = False
+    #: A rate-limit slot was taken (the call is under a limit).
+    limited: bool = False
 
 
 def _keys(service: str) -> tuple[str, str]:
     return f"integrations:tat:{service}", f"integrations:pause:{service}"
 
 
-def _limits(service: Service, agent: str | None) -> list[tuple[str, Rate]]:
+def planned(rate: Rate, margin: float) -> tuple[Rate, float]:
+    """The rate to grant at, and the lateness it absorbs, so that what the upstream sees stays
+    within ``rate``: at most ``burst + per_second`` calls in any one-second window (and
+    ``burst + per_second * W`` in longer ones), although each call may arrive up to the
+    lateness after its grant.
+
+    Granted at (r', b'), calls arriving up to L late land at most ``floor((1 + L) r') + b'`` in a
+    second. The burst is spent first; only when it is not enough is the rate lowered (a service
+    with burst 1 and a high rate pays the margin in throughput: give it a burst).
+    """
+    late = margin
+    allowed = math.floor(rate.burst + rate.per_second + 1e-9)
+    room = allowed - math.floor((1 + late) * rate.per_second + 1e-9)
+    if room >= 1:
+        return Rate(rate.per_second, min(rate.burst, room)), late
+    return Rate(min(rate.per_second, allowed / (1 + late) * (1 - 1e-6)), 1), late
+
+
+def _limits(service: Service, agent: str | None) -> list[tuple[str, Rate, float]]:
+    """``(tat key, rate granted at, lateness absorbed)`` of each limit the call is under."""
     tat_key = _keys(service.name)[0]
-    limits: list[tuple[str, Rate]] = []
+    margin = get_settings().rate_limit_margin
+    limits: list[tuple[str, Rate, float]] = []
     if agent is not None and service.agent_limit is not None:
-        limits.append((f"{tat_key}:agent:{agent}", service.agent_limit))
+        limits.append((f"{tat_key}:agent:{agent}", *planned(service.agent_limit, margin)))
     if service.global_limit is not None:
-        limits.append((tat_key, service.global_limit))
+        limits.append((tat_key, *planned(service.global_limit, margin)))
     return limits
 
 
@@ -104,7 +127,7 @@ def acquire(service: Service, reserve_up_to: float = 0.0, agent: str | None = No
         left_ms = int(r.pttl(pause_key))
         return Decision(left_ms / 1000, paused=True) if left_ms > 0 else Decision(0.0)
     wait_us, slot = 0, 0
-    for key, limit in limits:
+    for key, limit, _ in limits:
         interval_us = int(1_000_000 / limit.per_second)
         ttl_ms = int(interval_us * (limit.burst + 1) / 1000) + 60_000
         max_reserve_us = int(reserve_up_to * 1_000_000)
@@ -116,7 +139,7 @@ def acquire(service: Service, reserve_up_to: float = 0.0, agent: str | None = No
             return Decision(us / 1_000_000)  # no slot taken
         wait_us, slot = max(wait_us, us), max(slot, now + us)
     # Every slot is kept for the caller; it runs when the latest of them comes.
-    return Decision(wait_us / 1_000_000, slot=slot if wait_us > 0 else None)
+    return Decision(wait_us / 1_000_000, slot=slot if wait_us > 0 else None, limited=True)
 
 
 def on_time(service: Service, slot: int, agent: str | None = None) -> Decision:
@@ -130,9 +153,10 @@ def on_time(service: Service, slot: int, agent: str | None = None) -> Decision:
     pause_ms, late_us = (int(x) for x in r.eval(_ON_TIME, 1, _keys(service.name)[1], slot))
     if pause_ms > 0:
         return Decision(pause_ms / 1000, paused=True)
-    grace_us = min((1_000_000 / limit.per_second for _, limit in _limits(service, agent)), default=0)
+    # Later than the lateness its grant allowed for: the slot is spent, take a new one.
+    grace_us = min((late * 1_000_000 for _, _, late in _limits(service, agent)), default=0)
     if late_us <= grace_us:
-        return Decision(0.0)
+        return Decision(0.0, limited=True)
     return acquire(service, get_settings().defer_countdown_max, agent)
 
 

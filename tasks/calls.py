@@ -10,6 +10,7 @@ is data on a task and Celery does the retrying. They are registered when the app
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import redis
@@ -104,7 +105,7 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
     microseconds); ``agent`` picks the agent's own limit.
     """
     svc = get_services()[self.service_name]
-    _gate(self, svc, job_id, slot, agent)
+    granted = _gate(self, svc, job_id, slot, agent)
     if slot is not None and isinstance(self.request.kwargs, dict):
         # The slot is used by this run; a retry (Celery re-sends these kwargs) takes a new one.
         self.request.kwargs.pop("slot", None)
@@ -117,6 +118,12 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
         # the job's real result is not overwritten.
         log.info("job %s is not queued; duplicate delivery ignored", job_id)
         raise Ignore()
+    if granted is not None and time.monotonic() - granted > get_settings().rate_limit_margin:
+        # The grant went stale before the call (a cold worker, a slow claim): what the upstream
+        # counts is when the call arrives, so take a slot for now, or wait for a new one.
+        decision = coordination.acquire(svc, get_settings().defer_countdown_max, agent)
+        if decision.wait > 0 and ledger.release(claim):
+            _defer(self, job_id, decision.wait, decision.slot, agent)
     started = utcnow()
     try:
         out = jobs.perform(svc, claim, agent)
@@ -206,9 +213,10 @@ def _record(claim: ledger.Claim, **fields: Any) -> None:
         )
 
 
-def _gate(task: Task, svc: Service, job_id: str, slot: int | None, agent: str | None) -> None:
+def _gate(task: Task, svc: Service, job_id: str, slot: int | None, agent: str | None) -> float | None:
     """Defer the job (raising Ignore) while the breaker is open, the service is paused, or
-    the global rate limits have no slot for it now."""
+    the global rate limits have no slot for it now. Returns when (``time.monotonic()``) a
+    rate-limit slot was granted, ``None`` when the service has no limit."""
     gate = breaker.allow(svc)
     if gate.transition:
         ledger.record_breaker_event(svc.name, gate.transition, "reset timeout passed: one probe call")
@@ -220,6 +228,7 @@ def _gate(task: Task, svc: Service, job_id: str, slot: int | None, agent: str | 
         decision = coordination.acquire(svc, get_settings().defer_countdown_max, agent)
     if decision.wait > 0:
         _defer(task, job_id, decision.wait, decision.slot, agent)
+    return time.monotonic() if decision.limited else None
 
 
 def _defer(task: Task, job_id: str, wait: float, slot: int | None, agent: str | None) -> None:

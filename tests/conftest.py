@@ -42,6 +42,13 @@ IMAP_PASSWORD = "imap-" + uuid.uuid4().hex
 STUB = Stub().start()
 
 
+def most_in_window(times: list[float], window: float = 1.0) -> int:
+    """The most of ``times`` inside any half-open window ``[t, t + window)``: what a provider
+    counting calls per window would see at its worst."""
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u - t < window) for i, t in enumerate(times)), default=0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

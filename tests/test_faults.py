@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import DATABASE_URL, free_port
+from conftest import DATABASE_URL, free_port, most_in_window
 from procs import BIN, ROOT, cli, env_with, python, running, wait_for
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -284,8 +284,7 @@ def test_the_global_rate_limit_holds_across_four_worker_processes(
     assert len(hits) == n  # one request a job: nothing failed, nothing ran twice
     times = sorted(h.at for h in hits)
     (tmp_path / "arrivals.txt").write_text("".join(f"{t - times[0]:.4f}\n" for t in times))
-    # The most requests in any one-second window, each window starting at a request.
-    busiest = max(next((j for j in range(i, n) if times[j] - times[i] >= 1.0), n) - i for i in range(n))
+    busiest = most_in_window(times)
     span = times[-1] - times[0]
     report(
         "rate limit",
@@ -294,11 +293,12 @@ def test_the_global_rate_limit_holds_across_four_worker_processes(
         span_s=round(span, 2),
         expected_span_s=(n - burst) / rate,
     )
-    # The limiter grants at most burst + rate slots in any second. Arrivals at the stub carry
-    # the workers' scheduling jitter on top (seen: one extra call in a second while the
-    # 2-core machine ran other tests), so a tenth of a second of it is allowed for.
-    assert busiest <= rate * 1.1 + burst
-    assert 0.9 * n / rate <= span <= 1.1 * n / rate
+    # What the upstream counts: never more than burst + rate calls in any one-second window
+    # (the limiter plans its grants so that calls up to RATE_LIMIT_MARGIN, 0.2 s, late still
+    # keep to it), and never faster over the whole run than the rate allows, less that margin.
+    # The upper bound on the span only says the limiter does not stall.
+    assert busiest <= burst + rate
+    assert (n - burst) / rate - 0.2 <= span <= 2 * n / rate
 
 
 # ------------------------------------------------------------------------------------------------

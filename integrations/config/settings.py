@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     #: The Redis that workers share for global rate limits, pauses and breakers. Defaults to
     #: a Redis broker; empty on the embedded defaults (then there is nothing to share).
     coordination_url: str | None = None
+    #: How late (seconds) a call may reach its upstream after the limiter granted it (worker
+    #: scheduling, a countdown's timer). Grants are planned so that calls this late still keep
+    #: within burst + rate in every window; a kept slot reached later takes a new one.
+    rate_limit_margin: float = Field(0.2, ge=0, le=5)
     #: A deferral (rate limit, open breaker, pause) up to this long is a broker countdown;
     #: a longer one is parked in the ledger and re-queued by beat's dispatcher.
     defer_countdown_max: int = Field(30, ge=1)

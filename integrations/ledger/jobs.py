@@ -164,6 +164,27 @@ def claim(job_id: str) -> Claim | None:
     return Claim(job_id, row.service, row.operation, row.params, row.attempts)
 
 
+@retried
+def release(claim: Claim) -> bool:
+    """Give back a claim made by a run that will not call after all (its rate-limit grant went
+    stale before the call): the job waits again, and the attempt is not counted."""
+    with get_engine().begin() as conn:
+        res = conn.execute(
+            update(jobs)
+            .where(
+                jobs.c.id == claim.job_id,
+                jobs.c.status == JobStatus.RUNNING,
+                jobs.c.attempts == claim.attempt,
+            )
+            .values(
+                status=JobStatus.RETRYING if claim.attempt > 1 else JobStatus.QUEUED,
+                attempts=claim.attempt - 1,
+                updated_at=utcnow(),
+            )
+        )
+    return res.rowcount == 1
+
+
 def write_attempt(
     claim: Claim,
     *,
