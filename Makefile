@@ -7,9 +7,10 @@ STAMP  := $(VENV)/.installed
 # Worker autoscaling range (max,min); the settings' WORKER_AUTOSCALE_MAX/MIN are the defaults.
 AUTOSCALE ?= $${WORKER_AUTOSCALE_MAX:-8},$${WORKER_AUTOSCALE_MIN:-2}
 
-.PHONY: install run receiver worker beat flower migrate test lint bench clean
+.PHONY: install run receiver worker beat flower migrate test test-tools lint bench clean
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { echo "make: $(PYTHON) has no venv module: apt-get install python3-venv" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -44,15 +45,21 @@ flower: $(STAMP)
 	FLOWER_BASIC_AUTH="$${FLOWER_USER:-admin}:$$FLOWER_PASSWORD" exec $(BIN)/celery -A tasks flower \
 	    --port=$${FLOWER_PORT:-5555} --address=$${FLOWER_ADDRESS:-127.0.0.1}
 
-# The IMAP tests start their own Dovecot (tests/imap_server.py): Debian's dovecot-imapd, installed
-# here when it is missing (as root, or say how).
-DOVECOT := /usr/sbin/dovecot
-$(DOVECOT):
-	@if [ "$$(id -u)" != 0 ]; then echo "make: the IMAP tests need Dovecot: sudo apt-get install dovecot-imapd" >&2; exit 2; fi
-	apt-get update -q >/dev/null
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dovecot-imapd >/dev/null
+# What the tests run besides Python, as command:Debian package: their own redis-server (fault
+# tests), openssl (test certificates), Dovecot (IMAP tests, tests/imap_server.py). Installed
+# when missing (as root), or one line says what to install.
+TEST_TOOLS := redis-server:redis-server openssl:openssl /usr/sbin/dovecot:dovecot-imapd
 
-test: $(STAMP) $(DOVECOT)
+test-tools:
+	@missing=""; for pair in $(TEST_TOOLS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make test: the tests need:$$missing (sudo apt-get install$$missing)" >&2; exit 2; fi; \
+	  echo "make test: installing$$missing"; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	fi
+
+test: $(STAMP) test-tools
 	$(BIN)/pytest
 
 lint: $(STAMP)

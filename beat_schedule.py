@@ -9,27 +9,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-SCHEDULE: dict[str, dict[str, Any]] = {
+#: Dispatchers of work parked in the ledger: every 2 s.
+DISPATCHERS: dict[str, dict[str, Any]] = {
     "dispatch-deferred-jobs": {
         "task": "integrations.dispatch_deferred",
         "schedule": 2.0,
         "options": {"expires": 2.0},
-    },
-    "requeue-stuck-jobs": {
-        "task": "integrations.requeue_stuck_jobs",
-        "schedule": 60.0,
-        "options": {"expires": 55.0},
-    },
-    "requeue-stuck-events": {
-        "task": "integrations.requeue_stuck_events",
-        "schedule": 60.0,
-        "options": {"expires": 55.0},
     },
     "dispatch-due-deliveries": {
         "task": "integrations.dispatch_deliveries",
         "schedule": 2.0,
         "options": {"expires": 2.0},
     },
+}
+#: Sweepers of work whose message was lost: every ``SWEEP_INTERVAL`` seconds.
+SWEEPERS = {
+    "requeue-stuck-jobs": "integrations.requeue_stuck_jobs",
+    "requeue-stuck-events": "integrations.requeue_stuck_events",
 }
 
 
@@ -47,12 +43,19 @@ def _every(task: str, intervals: Mapping[str, float], prefix: str) -> dict[str, 
 
 
 def build(
-    health_checks: Mapping[str, float], mailboxes: Mapping[str, float] | None = None
+    health_checks: Mapping[str, float],
+    mailboxes: Mapping[str, float] | None = None,
+    sweep_every: float = 60.0,
 ) -> dict[str, dict[str, Any]]:
-    """``SCHEDULE`` plus a health check per service (``{service: interval}``) and a poll per
-    mailbox (``{mailbox: interval}``)."""
+    """The dispatchers, the sweepers every ``sweep_every`` seconds, a health check per service
+    (``{service: interval}``) and a poll per mailbox (``{mailbox: interval}``)."""
+    sweepers = {
+        name: {"task": task, "schedule": sweep_every, "options": {"expires": sweep_every * 0.9}}
+        for name, task in SWEEPERS.items()
+    }
     return {
-        **SCHEDULE,
+        **DISPATCHERS,
+        **sweepers,
         **_every("integrations.health_check", health_checks, "health-check"),
         **_every("integrations.poll_mailbox", mailboxes or {}, "poll-mailbox"),
     }

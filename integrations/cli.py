@@ -329,6 +329,9 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
         )
         return 1
     except Exception as e:  # a broken database or broker: one line, not a traceback
+        if _no_tables(e):
+            print("error: the ledger has no tables yet: run 'integrations migrate'", file=sys.stderr)
+            return 1
         print(f"error: {type(e).__name__}: {redact(_first_line(e))}", file=sys.stderr)
         return 1
 
@@ -337,6 +340,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The library's commands alone (``python -m integrations.cli``); the installed
     ``integrations`` command adds those that need the Celery app (``tasks.cli``)."""
     return run(build_parser()[0], argv)
+
+
+def _no_tables(e: BaseException) -> bool:
+    """A ledger database that was never migrated: SQLite's "no such table", Postgres's
+    undefined_table (SQLSTATE 42P01)."""
+    orig = getattr(e, "orig", None)
+    return "no such table" in str(orig) or getattr(orig, "sqlstate", None) == "42P01"
 
 
 def _first_line(e: BaseException) -> str:

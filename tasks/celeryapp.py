@@ -56,10 +56,13 @@ def rate_limit_annotations(settings: Settings, services: dict[str, Service]) -> 
     return {call_task_name(s.name): {"rate_limit": s.rate_limit} for s in services.values() if s.rate_limit}
 
 
-def beat_entries(services: dict[str, Service], mailboxes: dict[str, Mailbox]) -> dict[str, dict[str, Any]]:
+def beat_entries(
+    settings: Settings, services: dict[str, Service], mailboxes: dict[str, Mailbox]
+) -> dict[str, dict[str, Any]]:
     return beat_schedule.build(
         {s.name: s.health.interval for s in services.values() if s.health and s.health.enabled},
         {m.name: m.interval for m in mailboxes.values() if m.enabled},
+        sweep_every=settings.sweep_interval,
     )
 
 
@@ -90,7 +93,7 @@ def celery_config(
         # Flower builds its task list from events; they carry only task names and job ids.
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": settings.task_events,
-        "beat_schedule": beat_entries(services, mailboxes),
+        "beat_schedule": beat_entries(settings, services, mailboxes),
         "beat_schedule_filename": str(settings.var_dir / "celerybeat-schedule"),
         "task_annotations": rate_limit_annotations(settings, services),
     }

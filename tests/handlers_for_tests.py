@@ -51,6 +51,17 @@ def on_standard(event: Event) -> None:
     _ran("on_standard", event)
 
 
+@handler("gh:blocking")
+def blocking(event: Event) -> None:
+    """Runs until the test releases it (at most 30 s)."""
+    _redis.blpop([release_key(event.id)], timeout=30)
+    _ran("blocking", event)
+
+
+def release_key(event_id: str) -> str:
+    return f"test:release:{event_id}"
+
+
 @handler("email:received")
 def on_email(event: Event) -> None:
     _ran("on_email", event)

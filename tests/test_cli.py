@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import time
+import uuid
+from typing import Any
 
 import pytest
-from conftest import TOKEN
+import redis
+from conftest import DATABASE_URL, SPARE_REDIS_URL, TOKEN
 from procs import cli, env_with
+from sqlalchemy.engine import make_url
 from stub import Reply, Stub
 
 from integrations.ledger import jobs as ledger
@@ -87,10 +90,34 @@ def test_a_broker_down_at_submit_is_one_line_and_leaves_no_job_queued(key: str) 
 
 
 def test_a_ledger_down_at_submit_is_one_line_and_queues_nothing(stub: Stub, key: str) -> None:
-    env = env_with(DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none")
+    # A broker of its own that no worker reads: whatever the submit published would still be in it.
+    broker = redis.Redis.from_url(SPARE_REDIS_URL)
+    broker.flushdb()
+    env = env_with(DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none", BROKER_URL=SPARE_REDIS_URL)
     out = cli("call", "stub", "echo", f"key={key}", env=env)
     assert out.returncode == 2
     assert out.stderr.startswith("error: could not record the job: the ledger database is unavailable")
     assert "nothing was queued" in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    time.sleep(1.0)  # the worker is up: a message, had one gone out, would have reached the stub
+    assert broker.llen("integrations") == 0 and broker.dbsize() == 0
     assert stub.hits_for(key) == []
+
+
+def test_a_ledger_never_migrated_says_what_to_run_on_sqlite_and_postgres(tmp_path: Any) -> None:
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(DATABASE_URL, isolation_level="AUTOCOMMIT")
+    empty = "empty_" + uuid.uuid4().hex[:8]
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {empty}"))
+    try:
+        for url in (
+            f"sqlite:///{tmp_path}/new.db",
+            make_url(DATABASE_URL).set(database=empty).render_as_string(False),
+        ):
+            out = cli("jobs", env=env_with(DATABASE_URL=url))
+            assert out.returncode == 1
+            assert out.stderr.strip() == "error: the ledger has no tables yet: run 'integrations migrate'"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE {empty} WITH (FORCE)"))
+        admin.dispose()

@@ -398,7 +398,7 @@ def test_tls_refuses_a_server_whose_certificate_is_not_trusted(tmp_path: Path) -
     assert box.tls and IMAP_PASSWORD not in str(e.value)
 
 
-def test_beat_polls_each_enabled_mailbox_on_its_interval(app: Any) -> None:
+def test_the_beat_schedule_has_a_poll_per_enabled_mailbox_at_its_interval(app: Any) -> None:
     schedule = app.conf.beat_schedule
     assert schedule["poll-mailbox-mail_repeat"] == {
         "task": "integrations.poll_mailbox",

@@ -11,7 +11,7 @@ from email.utils import format_datetime
 from typing import Any
 
 import pytest
-from celery.signals import before_task_publish
+from celery.signals import before_task_publish, task_postrun
 from conftest import TOKEN
 from sqlalchemy import func, select, update
 from stub import Reply, Stub
@@ -250,8 +250,21 @@ def test_celery_rate_limit_annotations_stand_in_only_without_a_shared_redis(app:
 def test_a_redelivered_message_does_not_run_the_job_again(app: Any, stub: Stub, key: str) -> None:
     r = call_service.delay("stub", "echo", {"key": key})
     first = r.get(timeout=20)
-    app.tasks["integrations.call.stub"].apply_async((r.id,), task_id=r.id)
-    time.sleep(1.0)
+    ran: list[str] = []
+
+    def finished(task_id: str, state: str, **_: Any) -> None:
+        if task_id == r.id:
+            ran.append(state)
+
+    task_postrun.connect(finished, weak=False)
+    try:
+        app.tasks["integrations.call.stub"].apply_async((r.id,), task_id=r.id)
+        deadline = time.monotonic() + 20  # until the worker has taken the duplicate and let it go
+        while not ran and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        task_postrun.disconnect(finished)
+    assert ran == ["IGNORED"]
     assert len(stub.hits_for(key)) == 1
     assert r.get(timeout=5) == first
     assert ledger.get_job(r.id)["attempts"] == 1  # type: ignore[index]
@@ -271,9 +284,39 @@ def test_the_sweeper_requeues_a_job_whose_message_was_lost(stub: Stub, key: str)
     assert len(stub.hits_for(key)) == 1
 
 
-def test_every_attempt_row_belongs_to_a_job() -> None:
+def test_an_attempt_whose_worker_was_lost_is_recorded_lost_when_the_sweeper_requeues_it(
+    stub: Stub, key: str
+) -> None:
+    job_id, _ = ledger.create_job("stub", "echo", {"key": key}, None)
+    assert ledger.claim(job_id) is not None  # a worker took it, then died before recording
+    with get_engine().begin() as conn:
+        conn.execute(
+            update(ledger.jobs)
+            .where(ledger.jobs.c.id == job_id)
+            .values(updated_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+        )
+    assert requeue_stuck_jobs.apply().get() >= 1
+    assert call_service.AsyncResult(job_id).get(timeout=20)["status"] == "succeeded"
+    log = attempts_of(job_id)
+    assert [(a["number"], a["outcome"]) for a in log] == [(1, "lost"), (2, "succeeded")]
+    assert "worker running it was lost" in log[0]["error"]
+
+
+def test_every_job_counts_exactly_its_attempt_rows_numbered_from_one(stub: Stub, key: str) -> None:
+    # One job with a retry of each kind, so the invariant is checked on at least these.
+    stub.plan(key, Reply(status=500), Reply(status=429, headers={"Retry-After": "1"}))
+    mine = call_service.delay("stub", "echo", {"key": key}).get(timeout=30)["job_id"]
     with get_engine().connect() as conn:
-        orphans = conn.execute(
-            select(func.count()).select_from(JobAttempt).where(~JobAttempt.job_id.in_(select(Job.id)))
-        ).scalar_one()
-    assert orphans == 0
+        counted = dict(conn.execute(select(Job.id, Job.attempts).where(Job.status != "running")).all())
+        numbers: dict[str, list[int]] = {}
+        for job_id, number in conn.execute(
+            select(JobAttempt.job_id, JobAttempt.number).order_by(JobAttempt.number)
+        ):
+            numbers.setdefault(job_id, []).append(number)
+    assert counted[mine] == 3  # and every other job the session has run so far
+    wrong = {
+        job_id: (attempts, numbers.get(job_id, []))
+        for job_id, attempts in counted.items()
+        if numbers.get(job_id, []) != list(range(1, attempts + 1))
+    }
+    assert wrong == {}

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
 from celery import Celery
 from conftest import DATABASE_URL, GH_SECRET, SPARE_REDIS_URL, TOKEN, free_port
@@ -170,3 +171,60 @@ def test_the_worker_pool_grows_under_a_backlog(tmp_path: Path, stub: Stub, key: 
     assert grown["current"] <= 4
     assert len(stub.hits_for(key)) == 6
     control.close()
+
+
+def test_beat_sends_its_dispatchers_sweepers_and_health_checks_on_their_intervals(
+    tmp_path: Path, app: Any
+) -> None:
+    fixed = {
+        name: (e["task"], e["schedule"], e["options"]["expires"])
+        for name, e in app.conf.beat_schedule.items()
+        if not name.startswith(("health-check-", "poll-mailbox-"))
+    }
+    assert fixed == {
+        "dispatch-deferred-jobs": ("integrations.dispatch_deferred", 2.0, 2.0),
+        "dispatch-due-deliveries": ("integrations.dispatch_deliveries", 2.0, 2.0),
+        "requeue-stuck-jobs": ("integrations.requeue_stuck_jobs", 60.0, 54.0),
+        "requeue-stuck-events": ("integrations.requeue_stuck_events", 60.0, 54.0),
+    }
+    # Real beat and no worker: what it sends stays on a broker of its own, to be counted.
+    broker = redis.Redis.from_url(SPARE_REDIS_URL)
+    broker.flushdb()
+    env = env_with(BROKER_URL=SPARE_REDIS_URL, RESULT_BACKEND=SPARE_REDIS_URL, SWEEP_INTERVAL=2)
+    cmd = [
+        str(BIN / "celery"),
+        "-A",
+        "tasks",
+        "beat",
+        f"--schedule={tmp_path / 'schedule'}",
+        "--loglevel=INFO",
+    ]
+
+    def sent() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for raw in broker.lrange("integrations", 0, -1):
+            task = json.loads(raw)["headers"]["task"]
+            counts[task] = counts.get(task, 0) + 1
+        return counts
+
+    wanted = [
+        "integrations.dispatch_deferred",
+        "integrations.dispatch_deliveries",
+        "integrations.requeue_stuck_jobs",
+        "integrations.requeue_stuck_events",
+    ]
+    with running(cmd, env, tmp_path / "beat.log"):
+        counts = wait_for(
+            lambda: (
+                (c := sent())
+                and all(c.get(t, 0) >= 2 for t in wanted)
+                and c.get("integrations.health_check")
+                and c
+            ),
+            30,
+            "beat to send each entry twice and a health check",
+            tmp_path / "beat.log",
+        )
+    assert isinstance(counts, dict)
+    assert set(counts) <= {*wanted, "integrations.health_check", "integrations.poll_mailbox"}
+    broker.flushdb()

@@ -103,7 +103,7 @@ def test_a_failed_job_is_listed_and_replayed_as_a_new_linked_job(stub: Stub, key
     assert "is succeeded; only failed jobs are replayed" in again.stderr
 
 
-def test_beat_checks_each_service_with_a_health_check_at_its_interval(app: Any) -> None:
+def test_the_beat_schedule_has_a_health_check_per_service_at_its_interval(app: Any) -> None:
     schedule = app.conf.beat_schedule
     entry = schedule["health-check-stub_health"]
     assert entry["task"] == "integrations.health_check" and entry["args"] == ("stub_health",)

@@ -23,7 +23,7 @@ import requests
 from asgi_server import serve
 from celery import Celery
 from conftest import GH_SECRET, REDIS_URL, STD_SECRET_NEW, STD_SECRET_OLD, TOKEN, free_port
-from handlers_for_tests import runs_key
+from handlers_for_tests import release_key, runs_key
 from sqlalchemy import func, select, update
 from standardwebhooks.webhooks import Webhook
 
@@ -159,12 +159,15 @@ def test_a_redelivery_is_answered_2xx_and_not_handled_again(receiver: str) -> No
 
 
 def test_the_receiver_answers_before_the_handlers_finish(receiver: str) -> None:
-    # Handlers are queued, not awaited: the answer comes back while they have not run yet.
-    r = github_post(receiver, {"action": "opened"})
+    # The "blocking" handler runs until released: a receiver that waited for handlers would
+    # answer only after it (30 s at most), and find it succeeded.
+    r = github_post(receiver, {"action": "opened"}, event="blocking")
     assert r.status_code == 202
-    assert r.elapsed.total_seconds() < 5
     event_id = r.json()["event_id"]
-    wait_for(lambda: len(handlings(event_id)) == 3)
+    wait_for(lambda: "blocking" in handlings(event_id))
+    assert handlings(event_id)["blocking"]["status"] in ("queued", "running")
+    R.rpush(release_key(event_id), 1)
+    wait_for(lambda: handlings(event_id)["blocking"]["status"] == "succeeded")
 
 
 # --- refusals: nothing stored, nothing queued, no secret echoed ----------------------------------
@@ -460,13 +463,21 @@ def test_with_the_broker_down_an_event_is_stored_and_the_sweeper_dispatches_it()
     dead.conf.broker_connection_retry = False
     dead.conf.broker_connection_timeout = 1
 
+    tried: list[str] = []
+
     def publish_to_dead_broker(event_id: str) -> None:
-        dead.send_task("integrations.dispatch_event", (event_id,), retry=False)
+        try:
+            dead.send_task("integrations.dispatch_event", (event_id,), retry=False)
+        except Exception as e:
+            tried.append(type(e).__name__)
+            raise
+        tried.append("published")
 
     app = create_app(get_webhooks(), publish_to_dead_broker, get_settings().webhook_max_body_bytes)
     with serve(app) as url:
         r = github_post(url, {"ref": "x"}, event="push")
     assert r.status_code == 202
+    assert len(tried) == 1 and tried != ["published"]  # the receiver tried once, and it failed
     event_id = r.json()["event_id"]
     with get_engine().connect() as conn:
         dispatched = conn.execute(select(Event.dispatched_at).where(Event.id == event_id)).scalar_one()

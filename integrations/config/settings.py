@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     #: A job queued this long without being claimed is presumed lost and published again
     #: (running jobs: past the task time limit; waiting ones: past the longest countdown).
     stuck_after: int = Field(900, ge=5)
+    #: How often beat's sweepers look for jobs, events and handlings whose message was lost.
+    sweep_interval: float = Field(60, ge=1, le=3600)
     #: How long a worker keeps retrying a ledger write, with backoff, while the database is
     #: unreachable, so no outcome of a call already made is lost to a database restart.
     ledger_retry_for: float = Field(300, ge=0)

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import JSON, Integer, Table, bindparam, func, insert, select, update
+from sqlalchemy import JSON, Integer, Table, bindparam, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
 from integrations.ledger.db import get_engine, retried
@@ -343,7 +343,7 @@ def stuck_jobs(
     found: list[tuple[str, str, str | None]] = []
     with get_engine().begin() as conn:
         rows = conn.execute(
-            select(jobs.c.id, jobs.c.service, jobs.c.agent, jobs.c.status, jobs.c.updated_at)
+            select(jobs.c.id, jobs.c.service, jobs.c.agent, jobs.c.status, jobs.c.updated_at, jobs.c.attempts)
             .where(
                 ((jobs.c.status == JobStatus.QUEUED) & (jobs.c.updated_at < queued_before))
                 | ((jobs.c.status == JobStatus.RUNNING) & (jobs.c.updated_at < running_before))
@@ -352,7 +352,7 @@ def stuck_jobs(
             .order_by(jobs.c.updated_at)
             .limit(limit)
         ).all()
-        for job_id, service, agent, status, updated_at in rows:
+        for job_id, service, agent, status, updated_at, attempt in rows:
             res = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.status == status, jobs.c.updated_at == updated_at)
@@ -363,7 +363,28 @@ def stuck_jobs(
             )
             if res.rowcount == 1:
                 found.append((job_id, service, agent))
+                if status == JobStatus.RUNNING and attempt > 0:
+                    _record_lost(conn, job_id, attempt, updated_at, now)
     return found
+
+
+def _record_lost(conn: Any, job_id: str, number: int, started_at: dt.datetime, now: dt.datetime) -> None:
+    """The attempt a lost worker was making: counted when claimed, so it gets its row (unless its
+    outcome reached the ledger after all)."""
+    exists = select(attempts.c.id).where(attempts.c.job_id == job_id, attempts.c.number == number)
+    conn.execute(
+        insert(attempts).from_select(
+            ["job_id", "number", "outcome", "error", "started_at", "finished_at"],
+            select(
+                literal(job_id),
+                literal(number),
+                literal("lost"),
+                literal("the worker running it was lost; re-queued by the sweeper"),
+                literal(started_at, UTCDateTime()),
+                literal(now, UTCDateTime()),
+            ).where(~exists.exists()),
+        )
+    )
 
 
 @retried
