@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 import boto3
 from botocore.awsrequest import AWSHTTPConnectionPool, AWSHTTPSConnectionPool
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    ResponseStreamingError,
+)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
@@ -75,8 +81,9 @@ def make_client(svc: S3Service) -> S3Client:
     config = Config(
         region_name=svc.region,
         signature_version="s3v4",
-        # One attempt: Celery retries the job, with the service's backoff.
-        retries={"max_attempts": 1, "mode": "standard"},
+        # One attempt: Celery retries the job, with the service's backoff. (``max_attempts``
+        # counts retries, so 1 would be two attempts: botocore/config.py.)
+        retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=min(svc.timeout, 10),
         read_timeout=svc.timeout,
         s3={"addressing_style": style},
@@ -121,13 +128,13 @@ def classify(e: BaseException, action: str, secrets: list[str], retry_after_max:
         return PermanentError(str(e))
     if isinstance(e, ClientError):
         return _from_response(e.response, action, secrets, retry_after_max)
+    if isinstance(e, ResponseStreamingError | IncompleteReadError | Urllib3Error):
+        return TransientError(f"S3 {action}: the connection dropped mid-answer ({type(e).__name__})")
     if isinstance(e, HTTPClientError | BotoConnectionError):
         cause = e.kwargs.get("error")
         if isinstance(cause, CallError):  # BlockedAddress, from the guarded connection
             return cause
         return TransientError(f"S3 {action}: connection failed ({type(e).__name__})")
-    if isinstance(e, Urllib3Error):  # the body cut off while it was read
-        return TransientError(f"S3 {action}: the connection dropped mid-answer ({type(e).__name__})")
     if isinstance(e, BotoCoreError):
         return PermanentError(f"S3 {action}: {type(e).__name__}")
     return None
