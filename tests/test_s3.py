@@ -24,6 +24,7 @@ import boto3
 import pytest
 import requests
 from conftest import S3_SECRET_ACCESS_KEY
+from jsonschema import Draft202012Validator
 from moto.server import ThreadedMotoServer
 from procs import cli
 from tcp_proxy import TcpProxy
@@ -323,3 +324,37 @@ def test_the_secret_key_is_never_in_the_ledger_results_or_logs(
     ]:
         assert S3_SECRET_ACCESS_KEY not in text, where
     assert os.environ["S3_ACCESS_KEY_ID"] not in json.dumps(jobs, default=str)
+
+
+def test_every_operation_has_a_complete_schema() -> None:
+    ops = get_services()["files"].catalog()
+    assert sorted(ops) == [
+        "delete_object",
+        "get_object",
+        "head_object",
+        "list_objects",
+        "presign",
+        "put_object",
+    ]
+    for name, op in ops.items():
+        schema = op.parameters
+        Draft202012Validator.check_schema(schema)
+        assert schema["additionalProperties"] is False and schema["description"], name
+        assert set(schema.get("required", [])) <= set(schema["properties"]), name
+        for prop, spec in schema["properties"].items():
+            assert spec.get("description"), f"{name}.{prop}"
+    assert ops["presign"].parameters["properties"]["method"] == {
+        "type": "string",
+        "enum": ["get", "put"],
+        "default": "get",
+        "description": "get: download the object; put: upload it (with an HTTP PUT).",
+    }
+    with pytest.raises(InvalidParams, match="content: not valid base64"):
+        ops["put_object"].validate_params({"key": "k", "content": "%%%", "encoding": "base64"})
+
+
+def test_integrations_call_wait_reads_an_object(key: str) -> None:
+    run("files", "put_object", key=key, content="from the command line")
+    out = cli("call", "files", "get_object", f"key={key}", "--wait", "--timeout", "30")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["data"]["content"] == "from the command line"

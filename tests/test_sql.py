@@ -370,6 +370,22 @@ def test_a_bad_url_is_named_but_never_shown(tmp_path: Path, url: str, message: s
     assert "tiger-secret" not in str(e.value)
 
 
+def test_a_health_check_of_its_own_is_for_kinds_that_have_one(tmp_path: Path) -> None:
+    spec = {"url": "sqlite:///x.db", "health": {"interval": 60}, "statements": {"s": {"sql": "select 1"}}}
+    assert load_services(_services_file(tmp_path, spec))["db"].health is not None
+    rest = {"kind": "rest", "base_url": "https://api.example.com", "health": {"interval": 60}}
+    rest["operations"] = {"ping": {"path": "/ping"}}
+    with pytest.raises(ConfigError, match="health: this kind has no check of its own"):
+        load_services(_services_file(tmp_path, rest))
+
+
+def test_a_statement_without_a_description_shows_its_sql_to_the_agent() -> None:
+    schema = get_services()["pg"].catalog()["series"].parameters
+    assert schema["description"] == "Runs this read statement: select g from generate_series(1, :n) as g"
+    assert schema["properties"] == {"n": {"type": "integer", "minimum": 1, "maximum": 100000}}
+    assert schema["required"] == ["n"] and schema["additionalProperties"] is False
+
+
 def _services_file(tmp_path: Path, spec: dict[str, Any]) -> Path:
     path = tmp_path / "services.yaml"
     path.write_text(json.dumps({"services": {"db": {"kind": "sql", **spec}}}))

@@ -95,7 +95,10 @@ class S3Service(Service):
         return self._attempt(op.action, lambda c: getattr(self, "_" + op.action)(c, params))
 
     def check_health(self) -> Outcome:
-        """HeadBucket: the bucket exists and these credentials may use it."""
+        """HeadBucket: the bucket exists and these credentials may use it (unless ``health``
+        names an operation)."""
+        if self.health is not None and self.health.operation is not None:
+            return super().check_health()
         return self._attempt(
             "head_bucket", lambda c: ({"bucket": self.bucket}, c.head_bucket(Bucket=self.bucket))
         )

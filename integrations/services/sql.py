@@ -78,7 +78,8 @@ class Statement(Operation):
             props[name], needed = P.field(spec)
             if needed:
                 required.append(name)
-        return P.object_schema(props, required, self.description)
+        about = self.description or f"Runs this {self.mode} statement: {' '.join(self.sql.split())}"
+        return P.object_schema(props, required, about)
 
 
 class SqlService(Service):
@@ -115,7 +116,9 @@ class SqlService(Service):
         return self.run(op.sql, {name: params.get(name) for name in op.params}, op.mode)
 
     def check_health(self) -> Outcome:
-        """``select 1`` in a read-only transaction."""
+        """``select 1`` in a read-only transaction, unless ``health`` names a statement."""
+        if self.health is not None and self.health.operation is not None:
+            return super().check_health()
         return self.run("select 1 as ok", {}, "read")
 
     def secret_values(self) -> list[str]:
