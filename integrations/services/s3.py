@@ -33,7 +33,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from integrations import redact
 from integrations.config import get_settings
 from integrations.config.schema import RequiredSecret, check_url
-from integrations.errors import PermanentError
+from integrations.errors import PermanentError, TransientError
 from integrations.services.base import Attempt, Operation, Outcome, Service
 from integrations.services.s3client import classify, client_for
 from integrations.services.s3ops import S3Operation, catalog
@@ -156,11 +156,7 @@ class S3Service(Service):
     def _get_object(self, c: S3Client, p: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         limit = p.get("max_bytes", self.max_object_bytes)
         resp = c.get_object(Bucket=self.bucket, Key=p["key"])
-        stream = resp["Body"]
-        try:
-            body = stream.read(limit + 1)
-        finally:
-            stream.close()  # an unread rest is dropped with its connection
+        body = _read(resp["Body"], limit + 1, resp.get("ContentLength"))
         truncated, body = len(body) > limit, body[:limit]
         encoding = p.get("encoding", "auto")
         if encoding != "base64":
@@ -231,6 +227,25 @@ class S3Service(Service):
             "metadata": resp.get("Metadata", {}),
         }
         return _with(data, version_id=resp.get("VersionId"))
+
+
+def _read(stream: Any, most: int, length: int | None) -> bytes:
+    """At most ``most`` bytes of a body whose ``Content-Length`` is ``length``. A body that ends
+    short of both was cut off (botocore checks the length only when a read reaches the end)."""
+    chunks: list[bytes] = []
+    got = 0
+    try:
+        while got < most:
+            chunk = stream.read(min(most - got, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        stream.close()  # an unread rest is dropped with its connection
+    if length is not None and got < min(most, length):
+        raise TransientError(f"S3 get_object: the connection dropped mid-answer ({got} of {length} bytes)")
+    return b"".join(chunks)
 
 
 def _etag(v: str | None) -> str | None:
