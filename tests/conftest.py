@@ -90,7 +90,7 @@ os.environ.update(
     SQL_PG_PASSWORD=SQL_PG_PASSWORD,
     SQL_PG_PROXY_PORT=str(free_port()),
     SQL_MARIADB_URL=MARIADB_URL,
-    SQL_SQLITE_PATH=os.path.join(tempfile.mkdtemp(prefix="sqlkind-"), "agents.db"),
+    SQL_SQLITE_PATH=os.path.join(tempfile.gettempdir(), f"sqlkind-{uuid.uuid4().hex}.db"),
     # s3 kind (tests/test_s3.py): moto's server, a throttling proxy and a TcpProxy in front of it.
     S3_PORT=str(free_port()),
     S3_THROTTLE_PORT=str(free_port()),

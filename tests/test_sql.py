@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sqlite3
 import time
 import uuid
@@ -138,7 +137,8 @@ def lite_data() -> Iterator[Path]:
             [(f"c{i}", f"c{i}@example.com") for i in range(25)],
         )
     yield path
-    shutil.rmtree(path.parent, ignore_errors=True)
+    for leftover in (path, path.with_name(path.name + "-journal")):
+        leftover.unlink(missing_ok=True)
 
 
 # ---- reads, writes, refusals ----------------------------------------------------------------
