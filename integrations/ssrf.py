@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import connection
@@ -142,12 +142,17 @@ class _Guarded:
         return sock
 
 
-def pool_classes(networks: Sequence[Network]) -> dict[str, type[HTTPConnectionPool]]:
-    """urllib3 pool classes whose connections are guarded with ``networks`` allowed."""
+def pool_classes(
+    networks: Sequence[Network],
+    http_pool: type[HTTPConnectionPool] = HTTPConnectionPool,
+    https_pool: type[HTTPSConnectionPool] = HTTPSConnectionPool,
+) -> dict[str, type[HTTPConnectionPool]]:
+    """urllib3 pool classes whose connections are guarded with ``networks`` allowed: urllib3's
+    own, or subclasses of the pools given (botocore's, whose connections add 100-continue)."""
     nets = tuple(networks)
-    http_conn = type("GuardedHTTPConnection", (_Guarded, HTTPConnection), {"networks": nets})
-    https_conn = type("GuardedHTTPSConnection", (_Guarded, HTTPSConnection), {"networks": nets})
-    return {
-        "http": type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
-        "https": type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
-    }
+    out: dict[str, type[HTTPConnectionPool]] = {}
+    for scheme, pool in (("http", http_pool), ("https", https_pool)):
+        base: type[HTTPConnection] = pool.ConnectionCls  # type: ignore[assignment]
+        conn = type(f"Guarded{base.__name__}", (_Guarded, base), {"networks": nets})
+        out[scheme] = type(f"Guarded{pool.__name__}", (pool,), {"ConnectionCls": conn})
+    return out

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import socket
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +40,12 @@ GH_SECRET = "gh-" + uuid.uuid4().hex
 STD_SECRET_OLD = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 STD_SECRET_NEW = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 IMAP_PASSWORD = "imap-" + uuid.uuid4().hex
+# The sql kind's test Postgres is the test database (trust auth ignores the password, which is
+# in the URL all the same so the tests can prove it never leaks).
+SQL_PG = make_url(DATABASE_URL)
+SQL_PG_PASSWORD = "pgpw-" + uuid.uuid4().hex
+MARIADB_URL = os.environ.get("TEST_MARIADB_URL", "mysql://root@127.0.0.1:3306/test")
+S3_SECRET_ACCESS_KEY = "s3secret-" + secrets.token_urlsafe(24)
 
 STUB = Stub().start()
 
@@ -81,6 +89,21 @@ os.environ.update(
     IMAP_PORT=str(free_port()),
     IMAP_PROXY_PORT=str(free_port()),  # a TcpProxy in front of it, for the mail_cut mailbox
     IMAP_PASSWORD=IMAP_PASSWORD,
+    # sql kind (tests/test_sql.py): Postgres directly and through a TcpProxy, MariaDB, SQLite.
+    SQL_PG_HOST=SQL_PG.host or "127.0.0.1",
+    SQL_PG_PORT=str(SQL_PG.port or 5432),
+    SQL_PG_DB=SQL_PG.database or "test",
+    SQL_PG_USER=SQL_PG.username or "postgres",
+    SQL_PG_PASSWORD=SQL_PG_PASSWORD,
+    SQL_PG_PROXY_PORT=str(free_port()),
+    SQL_MARIADB_URL=MARIADB_URL,
+    SQL_SQLITE_PATH=os.path.join(tempfile.gettempdir(), f"sqlkind-{uuid.uuid4().hex}.db"),
+    # s3 kind (tests/test_s3.py): moto's server, a throttling proxy and a TcpProxy in front of it.
+    S3_PORT=str(free_port()),
+    S3_THROTTLE_PORT=str(free_port()),
+    S3_CUT_PORT=str(free_port()),
+    S3_ACCESS_KEY_ID="AKIA" + secrets.token_hex(8).upper(),
+    S3_SECRET_ACCESS_KEY=S3_SECRET_ACCESS_KEY,
 )
 for _name in ("VAR_DIR", "RESULT_BACKEND_FILE", "DATABASE_URL_FILE", "BROKER_URL_FILE"):
     os.environ.pop(_name, None)

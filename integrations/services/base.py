@@ -105,6 +105,9 @@ class Service(Strict):
 
     #: Whether ``health: {path: ...}`` means something to this kind (HTTP kinds).
     health_path_allowed: ClassVar[bool] = False
+    #: Whether the kind has a protocol-level check of its own (:meth:`check_health` without an
+    #: operation): ``health: {interval: 60}`` is then enough.
+    health_own_check: ClassVar[bool] = False
 
     name: str
     #: The value of ``kind:`` that picks the class: each kind narrows it to a ``Literal``.
@@ -184,6 +187,8 @@ class Service(Strict):
         h = self.health
         if h is not None and h.path is not None and not self.health_path_allowed:
             raise ValueError("health.path: this kind is checked through an operation")
+        if h is not None and h.path is None and h.operation is None and not self.health_own_check:
+            raise ValueError("health: this kind has no check of its own; set operation (or path)")
         if h is not None and h.operation is not None:
             op = self.catalog().get(h.operation)
             if op is None:
