@@ -108,8 +108,9 @@ class Breaker(Strict):
 
 
 class HealthCheck(Strict):
-    """How beat checks a service: one of its ``operation``s (with ``params``) or, for an HTTP
-    service, a GET of ``path``, every ``interval`` seconds."""
+    """How beat checks a service: one of its ``operation``s (with ``params``), for an HTTP
+    service a GET of ``path``, or, with neither, the kind's own check (SMTP's NOOP, a files
+    root that exists), every ``interval`` seconds."""
 
     operation: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
@@ -119,8 +120,8 @@ class HealthCheck(Strict):
 
     @model_validator(mode="after")
     def _one_target(self) -> HealthCheck:
-        if (self.operation is None) == (self.path is None):
-            raise ValueError("set exactly one of operation or path")
+        if self.operation is not None and self.path is not None:
+            raise ValueError("set one of operation or path, not both")
         if self.params and self.operation is None:
             raise ValueError("params go with an operation")
         return self

@@ -105,6 +105,9 @@ class Service(Strict):
 
     #: Whether ``health: {path: ...}`` means something to this kind (HTTP kinds).
     health_path_allowed: ClassVar[bool] = False
+    #: Whether the kind has a check of its own (:meth:`check_health` overridden), so that
+    #: ``health:`` may name neither an operation nor a path.
+    own_health_check: ClassVar[bool] = False
 
     name: str
     #: The value of ``kind:`` that picks the class: each kind narrows it to a ``Literal``.
@@ -184,6 +187,9 @@ class Service(Strict):
         h = self.health
         if h is not None and h.path is not None and not self.health_path_allowed:
             raise ValueError("health.path: this kind is checked through an operation")
+        if h is not None and h.operation is None and h.path is None and not self.own_health_check:
+            what = "operation or path" if self.health_path_allowed else "operation"
+            raise ValueError(f"health: name the {what} to check")
         if h is not None and h.operation is not None:
             op = self.catalog().get(h.operation)
             if op is None:
