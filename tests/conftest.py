@@ -7,10 +7,13 @@ here skips.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from smtp_server import make_certs  # noqa: E402
 from stub import Stub  # noqa: E402
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -38,6 +42,13 @@ GH_SECRET = "gh-" + uuid.uuid4().hex
 STD_SECRET_OLD = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 STD_SECRET_NEW = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 IMAP_PASSWORD = "imap-" + uuid.uuid4().hex
+SMTP_PASSWORD = "smtp-" + uuid.uuid4().hex
+# The test CA of the SMTP servers (tests/smtp_server.py), made before the services file loads
+# (it names the CA's file), and the folder the files services' roots are made in.
+_SCRATCH = Path(tempfile.mkdtemp(prefix="integrations-tests-"))
+atexit.register(shutil.rmtree, _SCRATCH, True)
+SMTP_CERTS = make_certs(_SCRATCH)
+FILES_BASE = _SCRATCH / "files"
 
 STUB = Stub().start()
 
@@ -60,7 +71,7 @@ os.environ.update(
     GH_WEBHOOK_SECRET=GH_SECRET,
     STD_WEBHOOK_SECRETS=f"{STD_SECRET_OLD} {STD_SECRET_NEW}",
     WEBHOOK_MAX_BODY_BYTES="65536",
-    EVENT_HANDLERS="handlers_for_tests",
+    EVENT_HANDLERS="handlers_for_tests,handlers_email_agent",
     HANDLERS_REDIS_URL=REDIS_URL,
     # Workers started as processes import the test handlers from here.
     PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])),
@@ -74,6 +85,12 @@ os.environ.update(
     IMAP_PORT=str(free_port()),
     IMAP_PROXY_PORT=str(free_port()),  # a TcpProxy in front of it, for the mail_cut mailbox
     IMAP_PASSWORD=IMAP_PASSWORD,
+    # aiosmtpd (tests/smtp_server.py) on these ports once tests/test_smtp.py starts it.
+    SMTP_PORT=str(free_port()),
+    SMTP_TLS_PORT=str(free_port()),
+    SMTP_PASSWORD=SMTP_PASSWORD,
+    SMTP_CA_BUNDLE=str(SMTP_CERTS.ca),
+    FILES_BASE=str(FILES_BASE),
 )
 for _name in ("VAR_DIR", "RESULT_BACKEND_FILE", "DATABASE_URL_FILE", "BROKER_URL_FILE"):
     os.environ.pop(_name, None)
