@@ -168,6 +168,7 @@ def test_a_4xx_is_retried_and_a_5xx_fails_at_once(server: Handler, rcpt: str) ->
     assert str(e.value) == "localhost refused DATA: 554 5.6.0 Message rejected: content policy"
     row = job(result.id)
     assert (row["status"], row["attempts"], row["status_code"]) == ("failed", 1, 554)
+    assert row["meta"] == {"message_id": f"<{result.id}@example.com>"}
     assert len(server.to(final)) == 1
 
 

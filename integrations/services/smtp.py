@@ -114,8 +114,12 @@ class SmtpService(Service):
         msg_id = message_id(attempt.job_id, params, self.message_id_domain)
         envelope = build(params, msg_id)
         t0 = time.perf_counter()
-        with self._errors(t0), self.connect() as smtp:
-            code, reply, refused = transaction(smtp, envelope, self)
+        try:
+            with self._errors(t0), self.connect() as smtp:
+                code, reply, refused = transaction(smtp, envelope, self)
+        except CallError as e:
+            e.meta["message_id"] = msg_id  # a retry sends the same; downstream may have this one
+            raise
         latency = (time.perf_counter() - t0) * 1000
         meta: dict[str, Any] = {"message_id": msg_id, "reply_code": code}
         if refused:
@@ -154,7 +158,10 @@ class SmtpService(Service):
         address = (
             self.host if self.allow_private_network else ssrf.resolve(self.host, port, self.allowed_networks)
         )
-        context = ssl.create_default_context(cafile=str(self.ca_bundle) if self.ca_bundle else None)
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca_bundle) if self.ca_bundle else None)
+        except (OSError, ValueError):
+            raise PermanentError("ca_bundle: not a readable PEM file of certificates") from None
         ehlo = self.local_hostname or _fqdn()
         smtp: smtplib.SMTP
         if self.security == "tls":
