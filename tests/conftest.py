@@ -7,9 +7,11 @@ here skips.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import os
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -25,6 +27,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from smtp_server import make_certs  # noqa: E402
 from stub import Stub  # noqa: E402
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -46,6 +49,13 @@ SQL_PG = make_url(DATABASE_URL)
 SQL_PG_PASSWORD = "pgpw-" + uuid.uuid4().hex
 MARIADB_URL = os.environ.get("TEST_MARIADB_URL", "mysql://root@127.0.0.1:3306/test")
 S3_SECRET_ACCESS_KEY = "s3secret-" + secrets.token_urlsafe(24)
+SMTP_PASSWORD = "smtp-" + uuid.uuid4().hex
+# The test CA of the SMTP servers (tests/smtp_server.py), made before the services file loads
+# (it names the CA's file), and the folder the files services' roots are made in.
+_SCRATCH = Path(tempfile.mkdtemp(prefix="integrations-tests-"))
+atexit.register(shutil.rmtree, _SCRATCH, True)
+SMTP_CERTS = make_certs(_SCRATCH)
+FILES_BASE = _SCRATCH / "files"
 
 STUB = Stub().start()
 
@@ -75,7 +85,7 @@ os.environ.update(
     GH_WEBHOOK_SECRET=GH_SECRET,
     STD_WEBHOOK_SECRETS=f"{STD_SECRET_OLD} {STD_SECRET_NEW}",
     WEBHOOK_MAX_BODY_BYTES="65536",
-    EVENT_HANDLERS="handlers_for_tests",
+    EVENT_HANDLERS="handlers_for_tests,handlers_email_agent",
     HANDLERS_REDIS_URL=REDIS_URL,
     # Workers started as processes import the test handlers from here.
     PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])),
@@ -104,6 +114,12 @@ os.environ.update(
     S3_CUT_PORT=str(free_port()),
     S3_ACCESS_KEY_ID="AKIA" + secrets.token_hex(8).upper(),
     S3_SECRET_ACCESS_KEY=S3_SECRET_ACCESS_KEY,
+    # aiosmtpd (tests/smtp_server.py) on these ports once tests/test_smtp.py starts it.
+    SMTP_PORT=str(free_port()),
+    SMTP_TLS_PORT=str(free_port()),
+    SMTP_PASSWORD=SMTP_PASSWORD,
+    SMTP_CA_BUNDLE=str(SMTP_CERTS.ca),
+    FILES_BASE=str(FILES_BASE),
 )
 for _name in ("VAR_DIR", "RESULT_BACKEND_FILE", "DATABASE_URL_FILE", "BROKER_URL_FILE"):
     os.environ.pop(_name, None)

@@ -113,7 +113,7 @@ class Breaker(Strict):
 class HealthCheck(Strict):
     """How beat checks a service: one of its ``operation``s (with ``params``), for an HTTP
     service a GET of ``path``, or, with neither, the kind's own protocol check (SQL ``select 1``,
-    S3 ``HeadBucket``), every ``interval`` seconds."""
+    S3 ``HeadBucket``, SMTP ``NOOP``, a files root that exists), every ``interval`` seconds."""
 
     operation: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
