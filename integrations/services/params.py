@@ -30,8 +30,6 @@ SHORT_TYPES: dict[str, dict[str, Any]] = {
     "dict": {"type": "object"},
     "any": {},
 }
-#: Keys of a parameter's own schema that are ours, not JSON Schema's.
-_OWN_KEYS = ("required",)
 
 
 def field(spec: str | Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -40,6 +38,20 @@ def field(spec: str | Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
     ``"str | None"`` is an optional string; a schema is required unless it has a ``default``
     or says ``required: false``. Raises ``ValueError`` naming what is wrong (not the value).
     """
+    schema, required, _ = spec_of(spec)
+    return schema, required
+
+
+def spec_of(
+    spec: str | Mapping[str, Any], own: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+    """:func:`field`, also returning the keys of ours named in ``own`` (a query parameter's
+    ``name``, ``style``, ``explode``) as ``(schema, required, {key: value})``.
+
+    ``required: true|false`` is always ours; a *list* under ``required`` is JSON Schema's (the
+    required properties of an object parameter), and leaves the default rule in force. The
+    long form, like OpenAPI's Parameter Object, keeps the two apart: ``{schema: {...},
+    required: false, description: ...}`` plus the keys in ``own``."""
     if isinstance(spec, str):
         parts = [p.strip() for p in spec.split("|")]
         optional = "None" in parts
@@ -47,16 +59,34 @@ def field(spec: str | Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
         if not names or any(n not in SHORT_TYPES for n in names):
             raise ValueError(f"unknown type; use one of {', '.join(SHORT_TYPES)}, optionally '| None'")
         if "any" in names:
-            return {}, not optional
+            return {}, not optional, {}
         types = [SHORT_TYPES[n]["type"] for n in names]
-        return {"type": types[0] if len(types) == 1 else types}, not optional
+        return {"type": types[0] if len(types) == 1 else types}, not optional, {}
+    if isinstance(spec, Mapping) and isinstance(spec.get("schema"), Mapping):
+        extra = sorted(set(spec) - {"schema", "required", "description", *own})
+        if extra:
+            raise ValueError(f"beside schema: a parameter has only required, description, {', '.join(own)}")
+        schema = dict(spec["schema"])
+        if isinstance(spec.get("description"), str):
+            schema["description"] = spec["description"]
+        flag = spec.get("required", "default" not in schema)
+        if not isinstance(flag, bool):
+            raise ValueError("required: must be true or false")
+        check_schema(schema)
+        return schema, flag, {k: spec[k] for k in own if k in spec}
     if isinstance(spec, Mapping):
-        schema = {k: v for k, v in spec.items() if k not in _OWN_KEYS}
-        required = spec.get("required", "default" not in spec)
+        flag = spec.get("required")
+        ours = {k: spec[k] for k in own if k in spec}
+        schema = {
+            k: v
+            for k, v in spec.items()
+            if k not in own and not (k == "required" and not isinstance(v, list))
+        }
+        required = flag if flag is not None and not isinstance(flag, list) else "default" not in spec
         if not isinstance(required, bool):
             raise ValueError("required: must be true or false")
         check_schema(schema)
-        return schema, required
+        return schema, required, ours
     raise ValueError("a parameter is a type name (str, int, ...) or a JSON Schema mapping")
 
 
