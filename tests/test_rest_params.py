@@ -38,7 +38,7 @@ def test_query_styles_headers_and_typed_path_reach_the_server(stub: Stub, key: s
         "page_size": 10,
         "request_id": "req-1",
     }
-    send("rest_params", "styles", params)
+    send("tools_rest", "styles", params)
     (hit,) = stub.hits_for(key)
     assert hit.path == f"/echo/{key}/3"
     assert hit.query == {
@@ -53,7 +53,7 @@ def test_query_styles_headers_and_typed_path_reach_the_server(stub: Stub, key: s
 
 
 def test_a_header_value_with_a_line_break_is_refused(stub: Stub, key: str) -> None:
-    _, op = resolve("rest_params", "styles")
+    _, op = resolve("tools_rest", "styles")
     for bad in ("a\r\nX-Evil: 1", "a\nb", "a\rb"):
         with pytest.raises(InvalidParams, match="request_id: a header value must not contain line breaks"):
             op.validate_params({"key": key, "n": 1, "tags": [], "request_id": bad})
@@ -61,7 +61,7 @@ def test_a_header_value_with_a_line_break_is_refused(stub: Stub, key: str) -> No
 
 
 def test_nested_schemas_are_validated_exactly() -> None:
-    _, op = resolve("rest_params", "styles")
+    _, op = resolve("tools_rest", "styles")
     with pytest.raises(InvalidParams, match="n: fails minimum"):
         op.validate_params({"key": "k", "n": 0, "tags": []})
     with pytest.raises(InvalidParams, match=r"filter\.a: required"):
@@ -72,7 +72,7 @@ def test_nested_schemas_are_validated_exactly() -> None:
 
 
 def test_a_form_body_is_urlencoded(stub: Stub, key: str) -> None:
-    send("rest_params", "form", {"key": key, "name": "a b&c", "count": 2, "tags": ["x", "y"]})
+    send("tools_rest", "form", {"key": key, "name": "a b&c", "count": 2, "tags": ["x", "y"]})
     (hit,) = stub.hits_for(key)
     assert hit.headers["content-type"] == "application/x-www-form-urlencoded"
     assert hit.body == b"name=a+b%26c&count=2&tags=x&tags=y"
@@ -84,7 +84,7 @@ def test_a_multipart_body_sends_files_and_fields(stub: Stub, key: str) -> None:
         "key": key,
         "body": {"note": "hi", "file": base64.b64encode(content).decode(), "meta": {"a": 1}},
     }
-    send("rest_params", "upload", params)
+    send("tools_rest", "upload", params)
     (hit,) = stub.hits_for(key)
     ctype = hit.headers["content-type"]
     assert ctype.startswith("multipart/form-data; boundary=")
@@ -98,8 +98,8 @@ def test_a_multipart_body_sends_files_and_fields(stub: Stub, key: str) -> None:
 
 
 def test_a_whole_schema_body_is_sent_as_given_or_not_at_all(stub: Stub, key: str) -> None:
-    send("rest_params", "whole", {"key": key, "body": [1, 2]})
-    send("rest_params", "whole", {"key": key})
+    send("tools_rest", "whole", {"key": key, "body": [1, 2]})
+    send("tools_rest", "whole", {"key": key})
     with_body, without = stub.hits_for(key)
     assert json.loads(with_body.body) == [1, 2]
     assert without.body == b""

@@ -91,7 +91,7 @@ def test_names_are_service__operation_or_made_valid_stably() -> None:
 def test_strict_mode_requires_every_property_and_makes_optional_ones_nullable() -> None:
     tools = {
         t["function"]["name"]: t["function"]
-        for t in definitions("openai", ["tools_stub", "rest_params"], strict=True)
+        for t in definitions("openai", ["tools_stub", "tools_rest"], strict=True)
     }
     echo = tools[ECHO]
     assert echo["strict"] is True
@@ -107,7 +107,7 @@ def test_strict_mode_requires_every_property_and_makes_optional_ones_nullable() 
     title = body["properties"]["title"]
     assert "minLength" not in title and title["description"] == "(minLength: 1)"  # stated, not enforced
     # An array of anything has no strict form: that tool is offered without strict.
-    form = tools["rest_params__form"]
+    form = tools["tools_rest__form"]
     assert "strict" not in form and form["parameters"]["properties"]["tags"] == {"type": "array"}
 
 

@@ -36,7 +36,8 @@ def field(spec: str | Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
     """A parameter's ``(schema, required)`` from its short form or its own schema.
 
     ``"str | None"`` is an optional string; a schema is required unless it has a ``default``
-    or says ``required: false``. Raises ``ValueError`` naming what is wrong (not the value).
+    or says ``required: false``. Raises ``ValueError`` naming what is wrong (not the value);
+    the schema itself is checked once, as part of the operation's (:class:`Params`).
     """
     schema, required, _ = spec_of(spec)
     return schema, required
@@ -72,7 +73,6 @@ def spec_of(
         flag = spec.get("required", "default" not in schema)
         if not isinstance(flag, bool):
             raise ValueError("required: must be true or false")
-        check_schema(schema)
         return schema, flag, {k: spec[k] for k in own if k in spec}
     if isinstance(spec, Mapping):
         flag = spec.get("required")
@@ -85,7 +85,6 @@ def spec_of(
         required = flag if flag is not None and not isinstance(flag, list) else "default" not in spec
         if not isinstance(required, bool):
             raise ValueError("required: must be true or false")
-        check_schema(schema)
         return schema, required, ours
     raise ValueError("a parameter is a type name (str, int, ...) or a JSON Schema mapping")
 
