@@ -137,6 +137,14 @@ def cmd_services(args: argparse.Namespace) -> int:
         for name, op in svc.catalog().items():
             line = svc.describe_operation(name, op)
             print(f"  {name}: {line}" if line else f"  {name}")
+    from integrations.tools.agents import get_agents
+
+    agents = get_agents()
+    if agents:
+        print(f"agents ({len(agents)}), with the tools each may use:")
+        for agent in agents.values():
+            sets = [f"{svc} ({'all' if ops == '*' else ', '.join(ops)})" for svc, ops in agent.tools.items()]
+            print(f"  {agent.name}: {'; '.join(sets) or 'none'}")
     if webhooks:
         print(f"webhook sources ({len(webhooks)}), at POST /webhooks/<name>:")
         for src in webhooks.values():

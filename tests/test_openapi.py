@@ -400,3 +400,11 @@ def test_a_large_description_imports_in_under_ten_seconds(
         )
     svc.operations["tree1"].validate_params(nested)
     assert call_every_operation(path, "large", server, slice(0, None, 7)) == len(range(0, 600, 7))
+
+
+def test_tags_and_operation_ids_choose_what_is_imported() -> None:
+    spec = HERE / "specs" / "swagger2-store.yaml"
+    by_tag = import_openapi(spec, "store", tags=("items",))
+    assert sorted(by_tag.service["operations"]) == ["add_item", "list_items"] and by_tag.excluded == 4
+    by_id = import_openapi(spec, "store", operations=("uploadPhoto", "rename_item"))
+    assert sorted(by_id.service["operations"]) == ["rename_item", "upload_photo"] and by_id.excluded == 4

@@ -312,6 +312,12 @@ def test_a_full_openai_tool_use_loop(model: ScriptedModel, stub: Stub, key: str)
     assert hit.query == {"q": ["hello"]}
 
 
+def test_services_command_lists_the_agents() -> None:
+    out = cli("services")
+    assert out.returncode == 0, out.stderr
+    assert "  helper: tools_stub (echo)" in out.stdout and "  writer: tools_stub (all)" in out.stdout
+
+
 def test_cli_prints_the_definitions() -> None:
     out = cli("tools", "--format", "anthropic", "--agent", "helper")
     assert out.returncode == 0, out.stderr
