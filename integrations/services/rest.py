@@ -265,8 +265,10 @@ class RestService(HttpService):
         headers = {w.name: text(params[w.key]) for w in op.wires("headers") if w.key in params}
         req = http.Request(op.method, self.base_url + path, params=query, headers=headers)
         if op.content_type != "application/json":
-            if op.body is None and op.body_schema is None:
-                return req
+            if (op.body is None and op.body_schema is None) or (
+                op.body_schema is not None and BODY not in params
+            ):
+                return req  # no body to send
             content, content_type = form_body(op, op.form_fields(params))
             return replace(req, content=content, headers={**headers, "Content-Type": content_type})
         if op.body_schema is not None:
