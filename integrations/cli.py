@@ -137,6 +137,14 @@ def cmd_services(args: argparse.Namespace) -> int:
         for name, op in svc.catalog().items():
             line = svc.describe_operation(name, op)
             print(f"  {name}: {line}" if line else f"  {name}")
+    from integrations.tools.agents import get_agents
+
+    agents = get_agents()
+    if agents:
+        print(f"agents ({len(agents)}), with the tools each may use:")
+        for agent in agents.values():
+            sets = [f"{svc} ({'all' if ops == '*' else ', '.join(ops)})" for svc, ops in agent.tools.items()]
+            print(f"  {agent.name}: {'; '.join(sets) or 'none'}")
     if webhooks:
         print(f"webhook sources ({len(webhooks)}), at POST /webhooks/<name>:")
         for src in webhooks.values():
@@ -252,6 +260,67 @@ def cmd_delivery(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tools(args: argparse.Namespace) -> int:
+    from integrations.tools import definitions
+
+    tools = definitions(args.format, services=args.service or None, agent=args.agent, strict=args.strict)
+    print(json.dumps(tools, indent=2))
+    return 0
+
+
+def cmd_import_openapi(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from integrations.tools import openapi, openapi_write
+
+    if args.out and args.merge:
+        raise IntegrationError("give --out FILE or --merge FILE, not both")
+    t0 = time.perf_counter()
+    imp = openapi.import_openapi(
+        Path(args.spec),
+        args.service,
+        base_url=args.base_url,
+        tags=tuple(args.tag or ()),
+        operations=tuple(args.operation or ()),
+        allow_private_network=args.allow_private_network,
+    )
+    if args.merge:
+        openapi_write.merge(imp, Path(args.merge))
+    elif args.out:
+        Path(args.out).write_text(openapi_write.render(imp))
+    else:
+        print(openapi_write.render(imp), end="")
+    took = time.perf_counter() - t0
+    print(
+        f"{args.service}: {len(imp.service['operations'])} operations imported, {len(imp.skipped)} not "
+        f"expressible (listed in the file), {imp.excluded} not chosen, in {took:.2f}s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_mcp_token(args: argparse.Namespace) -> int:
+    import os
+    import secrets
+    from pathlib import Path
+
+    from integrations.config import get_settings
+    from integrations.tools.mcp_server import load_tokens, token_hash
+
+    path = Path(args.file) if args.file else get_settings().mcp_tokens_file
+    if path is None:
+        raise IntegrationError("give --file or set MCP_TOKENS_FILE")
+    token = "mcp_" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(f"{token_hash(token)} {args.agent}\n")
+    load_tokens(path)  # the file still reads
+    # Shown once: only its hash is kept.
+    print(token)
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """The commands that read and manage the ledger and the services file (no Celery app)."""
     j = sub.add_parser("jobs", help="list jobs, newest first")
@@ -304,6 +373,31 @@ def add_commands(sub: Any) -> None:
     one_d = sub.add_parser("delivery", help="one delivery with every attempt")
     one_d.add_argument("id")
     one_d.set_defaults(func=cmd_delivery)
+
+    tl = sub.add_parser("tools", help="the operations as LLM tool definitions (one JSON list)")
+    tl.add_argument("--service", action="append", help="only this service (repeatable)")
+    tl.add_argument("--agent", help="only the tools this agent may use (agents: in the services file)")
+    tl.add_argument("--format", choices=["openai", "anthropic", "mcp", "json-schema"], default="openai")
+    tl.add_argument("--strict", action="store_true", help="parameters in OpenAI's strict-mode subset")
+    tl.set_defaults(func=cmd_tools)
+
+    io = sub.add_parser("import-openapi", help="an OpenAPI 3.x / Swagger 2.0 document as a rest service")
+    io.add_argument("spec", metavar="SPEC", help="the document (JSON or YAML file)")
+    io.add_argument("--service", required=True, help="the new service's name")
+    io.add_argument("--base-url", help="instead of the document's server URL")
+    io.add_argument("--tag", action="append", help="only operations with this tag (repeatable)")
+    io.add_argument("--operation", action="append", help="only this operationId (repeatable)")
+    io.add_argument("--out", help="write a services file holding the service (default: print it)")
+    io.add_argument("--merge", help="add the service to this services file")
+    io.add_argument(
+        "--allow-private-network", action="store_true", help="the API is on a private network (no SSRF guard)"
+    )
+    io.set_defaults(func=cmd_import_openapi)
+
+    tk = sub.add_parser("mcp-token", help="a new bearer token for AGENT on the MCP server (printed once)")
+    tk.add_argument("agent")
+    tk.add_argument("--file", help="the tokens file (default: MCP_TOKENS_FILE)")
+    tk.set_defaults(func=cmd_mcp_token)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:

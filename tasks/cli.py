@@ -63,6 +63,13 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from tasks.tools import serve_mcp
+
+    serve_mcp(http=args.http, agent=args.agent)
+    return 0
+
+
 def _wait_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the result and print it")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait")
@@ -92,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("receiver", help="serve the webhook receiver on RECEIVER_HOST:RECEIVER_PORT").set_defaults(
         func=cmd_receiver
     )
+    m = sub.add_parser("mcp", help="serve the MCP server on stdio, or over Streamable HTTP with --http")
+    m.add_argument("--http", action="store_true", help="Streamable HTTP on MCP_HOST:MCP_PORT (bearer tokens)")
+    m.add_argument("--agent", help="stdio: the agent this server acts for (its tool set and rate limits)")
+    m.set_defaults(func=cmd_mcp)
     return parser
 
 

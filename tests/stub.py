@@ -132,8 +132,10 @@ class _Handler(BaseHTTPRequestHandler):
                 "method": self.command,
                 "path": path,
                 "query": parse_qs(query),
-                "json": json.loads(body) if body else None,
+                "json": _json_or_none(body),
             }
+            if body and payload["json"] is None:  # a form body, say: echoed as text
+                payload["text"] = body.decode("utf-8", errors="replace")
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(reply.status)
         self.send_header("Content-Type", "application/json")
@@ -145,3 +147,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return None

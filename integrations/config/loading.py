@@ -25,6 +25,9 @@ _PLACEHOLDER = re.compile(r"__ENV_REF_(\d+)__")
 SECTIONS = ("services", "webhooks", "mailboxes", "agents")
 
 _M = TypeVar("_M", bound=BaseModel)
+#: libyaml's safe loader when PyYAML has it: a services file with hundreds of imported
+#: operations parses several times faster.
+_SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def read_file(path: Path) -> dict[str, Any]:
@@ -39,7 +42,8 @@ def read_file(path: Path) -> dict[str, Any]:
             refs.append(m.group(0))
             return f"__ENV_REF_{len(refs) - 1}__"
 
-        raw = _restore_refs(yaml.safe_load(_ENV_REF.sub(placeholder, text)), refs)
+        # A safe loader (CSafeLoader or SafeLoader): plain data only.
+        raw = _restore_refs(yaml.load(_ENV_REF.sub(placeholder, text), Loader=_SAFE_LOADER), refs)  # noqa: S506
     except OSError as e:
         raise ConfigError(f"services file {path}: cannot read it ({e.strerror})") from None
     except yaml.YAMLError as e:

@@ -99,6 +99,21 @@ class Settings(BaseSettings):
     #: in tests), comma-separated. Everything else non-public is refused (an SSRF guard).
     webhook_allowed_networks: str = ""
 
+    #: The MCP server over Streamable HTTP (``integrations mcp --http``) listens here.
+    mcp_host: str = "127.0.0.1"
+    mcp_port: int = Field(8765, ge=1, le=65535)
+    #: How long a ``tools/call`` waits for its job before answering with the job id and status
+    #: (ask again with the ``job_status`` tool).
+    mcp_wait: float = Field(30, ge=0, le=600)
+    #: Bearer tokens of the HTTP transport: lines of ``<sha256 of the token, hex> <agent>``
+    #: (``integrations mcp-token AGENT`` adds one). Tokens themselves are never stored.
+    mcp_tokens_file: Path | None = None
+    #: Browser origins allowed to call the HTTP transport besides loopback ones, comma-separated
+    #: (``https://app.example.com``); any other ``Origin`` is refused (DNS-rebinding protection).
+    mcp_allowed_origins: str = ""
+    #: ``Host`` values the HTTP transport answers besides ``MCP_HOST`` and loopback, comma-separated.
+    mcp_allowed_hosts: str = ""
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: Any) -> Any:

@@ -11,6 +11,7 @@ Error messages name the parameter and the rule, never the value given.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -30,16 +31,29 @@ SHORT_TYPES: dict[str, dict[str, Any]] = {
     "dict": {"type": "object"},
     "any": {},
 }
-#: Keys of a parameter's own schema that are ours, not JSON Schema's.
-_OWN_KEYS = ("required",)
 
 
 def field(spec: str | Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
     """A parameter's ``(schema, required)`` from its short form or its own schema.
 
     ``"str | None"`` is an optional string; a schema is required unless it has a ``default``
-    or says ``required: false``. Raises ``ValueError`` naming what is wrong (not the value).
+    or says ``required: false``. Raises ``ValueError`` naming what is wrong (not the value);
+    the schema itself is checked once, as part of the operation's (:class:`Params`).
     """
+    schema, required, _ = spec_of(spec)
+    return schema, required
+
+
+def spec_of(
+    spec: str | Mapping[str, Any], own: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+    """:func:`field`, also returning the keys of ours named in ``own`` (a query parameter's
+    ``name``, ``style``, ``explode``) as ``(schema, required, {key: value})``.
+
+    ``required: true|false`` is always ours; a *list* under ``required`` is JSON Schema's (the
+    required properties of an object parameter), and leaves the default rule in force. The
+    long form, like OpenAPI's Parameter Object, keeps the two apart: ``{schema: {...},
+    required: false, description: ...}`` plus the keys in ``own``."""
     if isinstance(spec, str):
         parts = [p.strip() for p in spec.split("|")]
         optional = "None" in parts
@@ -47,16 +61,32 @@ def field(spec: str | Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
         if not names or any(n not in SHORT_TYPES for n in names):
             raise ValueError(f"unknown type; use one of {', '.join(SHORT_TYPES)}, optionally '| None'")
         if "any" in names:
-            return {}, not optional
+            return {}, not optional, {}
         types = [SHORT_TYPES[n]["type"] for n in names]
-        return {"type": types[0] if len(types) == 1 else types}, not optional
+        return {"type": types[0] if len(types) == 1 else types}, not optional, {}
+    if isinstance(spec, Mapping) and isinstance(spec.get("schema"), Mapping):
+        extra = sorted(set(spec) - {"schema", "required", "description", *own})
+        if extra:
+            raise ValueError(f"beside schema: a parameter has only required, description, {', '.join(own)}")
+        schema = dict(spec["schema"])
+        if isinstance(spec.get("description"), str):
+            schema["description"] = spec["description"]
+        flag = spec.get("required", "default" not in schema)
+        if not isinstance(flag, bool):
+            raise ValueError("required: must be true or false")
+        return schema, flag, {k: spec[k] for k in own if k in spec}
     if isinstance(spec, Mapping):
-        schema = {k: v for k, v in spec.items() if k not in _OWN_KEYS}
-        required = spec.get("required", "default" not in spec)
+        flag = spec.get("required")
+        ours = {k: spec[k] for k in own if k in spec}
+        schema = {
+            k: v
+            for k, v in spec.items()
+            if k not in own and not (k == "required" and not isinstance(v, list))
+        }
+        required = flag if flag is not None and not isinstance(flag, list) else "default" not in spec
         if not isinstance(required, bool):
             raise ValueError("required: must be true or false")
-        check_schema(schema)
-        return schema, required
+        return schema, required, ours
     raise ValueError("a parameter is a type name (str, int, ...) or a JSON Schema mapping")
 
 
@@ -72,11 +102,32 @@ def object_schema(
 
 
 def check_schema(schema: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming where ``schema`` breaks JSON Schema 2020-12's meta-schema.
+
+    Each property's schema is checked on its own and the verdict remembered: operations of one
+    API share most of them, and the meta-schema check is the slow part of loading a services
+    file with hundreds of imported operations."""
+    props = schema.get("properties")
+    if not isinstance(props, Mapping) or not props:
+        problem = _problem(json.dumps(schema, sort_keys=True, default=str))
+        if problem:
+            raise ValueError(f"not a valid JSON Schema ({problem})")
+        return
+    check_schema({**schema, "properties": {}})
+    for name, sub in props.items():
+        problem = _problem(json.dumps(sub, sort_keys=True, default=str))
+        if problem:
+            raise ValueError(f"not a valid JSON Schema (properties/{name}/{problem})")
+
+
+@functools.lru_cache(maxsize=8192)
+def _problem(text: str) -> str | None:
     try:
-        Draft202012Validator.check_schema(schema)
+        Draft202012Validator.check_schema(json.loads(text))
     except SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "schema"
-        raise ValueError(f"not a valid JSON Schema ({where}: {e.validator} is wrong)") from None
+        return f"{where}: {e.validator} is wrong"
+    return None
 
 
 class Params:
