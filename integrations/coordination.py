@@ -9,43 +9,63 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 
 from integrations.config import Rate, get_settings
-from integrations.services.base import Service
+from integrations.services.base import Scope, Service
 
-# GCRA (the generic cell rate algorithm): one timestamp per service, the "theoretical arrival
-# time" (TAT). A call may go when TAT - now <= burst * interval; then TAT += interval.
-# With reserve=1 a denied caller still takes the next free slot and learns how long to wait,
-# so waiting callers queue up in order instead of stampeding when the window opens.
-# A slot is reserved only up to max_reserve_us ahead; a caller denied further out takes nothing
-# and is parked, so reservations never run far ahead of the rate.
-# KEYS: tat, pause   ARGV: interval_us, burst, reserve, ttl_ms, max_reserve_us
+# GCRA (the generic cell rate algorithm): one timestamp per limit, the "theoretical arrival time"
+# (TAT). A call of cost c may go when TAT + c * interval - now <= burst * interval; then TAT
+# advances by c intervals. A call is under several limits at once (the service's, the agent's
+# share, a kind's own: a Slack method, a channel, an LLM's tokens); one script decides for all of
+# them, atomically, and takes a slot in each or in none.
+# With reserve=1 a denied caller still takes the next free slots and learns how long to wait, so
+# waiting callers queue up in order instead of stampeding when the window opens. Slots are kept
+# only up to max_reserve_us ahead; a caller denied further out takes nothing and is parked.
+# KEYS: pause_1..pause_m, tat_1..tat_n
+# ARGV: m, n, reserve, max_reserve_us, then per limit: interval_us, burst, ttl_ms, cost
 # Returns {wait_us, now_us}: wait 0 = go now; a negative wait is a pause (no slot taken).
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local pause = redis.call('PTTL', KEYS[2])
-if pause > 0 then return {-pause * 1000, now} end
-local interval = tonumber(ARGV[1])
-local tolerance = interval * tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = tat + interval
-local wait = new_tat - tolerance - now
-if wait > 0 and (ARGV[3] == '0' or wait > tonumber(ARGV[5])) then return {wait, now} end
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', ARGV[4])
-if wait < 0 then wait = 0 end
+local m, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local longest = 0
+for i = 1, m do
+  local left = redis.call('PTTL', KEYS[i])
+  if left > longest then longest = left end
+end
+if longest > 0 then return {-longest * 1000, now} end
+local wait = 0
+local tats = {}
+for i = 1, n do
+  local b = 4 + (i - 1) * 4
+  local interval = tonumber(ARGV[b + 1])
+  local tat = tonumber(redis.call('GET', KEYS[m + i]) or '0')
+  if tat < now then tat = now end
+  tats[i] = tat + interval * tonumber(ARGV[b + 4])
+  local w = tats[i] - interval * tonumber(ARGV[b + 2]) - now
+  if w > wait then wait = w end
+end
+if wait > 0 and (ARGV[3] == '0' or wait > tonumber(ARGV[4])) then return {wait, now} end
+for i = 1, n do
+  redis.call('SET', KEYS[m + i], string.format('%d', tats[i]), 'PX', ARGV[4 + (i - 1) * 4 + 3])
+end
 return {wait, now}
 """
 
-# KEYS: pause   ARGV: slot_us. Returns {pause_ms, microseconds past the slot}.
+# KEYS: pauses   ARGV: slot_us. Returns {longest pause left (ms), microseconds past the slot}.
 _ON_TIME = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-return {redis.call('PTTL', KEYS[1]), now - tonumber(ARGV[1])}
+local longest = 0
+for i = 1, #KEYS do
+  local left = redis.call('PTTL', KEYS[i])
+  if left > longest then longest = left end
+end
+return {longest, now - tonumber(ARGV[1])}
 """
 
 # KEYS: pause   ARGV: ms. Extends a pause, never shortens it.
@@ -53,6 +73,19 @@ _PAUSE = """
 local left = redis.call('PTTL', KEYS[1])
 if left < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
 return left
+"""
+
+# KEYS: tat   ARGV: microseconds to add (negative: a refund). Moves a limit's TAT after the fact,
+# once a call's real cost is known (an LLM's tokens); never below now.
+_SETTLE = """
+local tat = redis.call('GET', KEYS[1])
+if not tat then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local moved = tonumber(tat) + tonumber(ARGV[1])
+if moved < now then moved = now end
+redis.call('SET', KEYS[1], string.format('%d', moved), 'KEEPTTL')
+return 1
 """
 
 
@@ -76,8 +109,21 @@ class Decision:
     limited: bool = False
 
 
-def _keys(service: str) -> tuple[str, str]:
-    return f"integrations:tat:{service}", f"integrations:pause:{service}"
+def _keys(service: str, scope: str | None = None) -> tuple[str, str]:
+    """The TAT key and the pause key of a service, or of one of its scopes."""
+    suffix = service if scope is None else f"{service}:{scope}"
+    return f"integrations:tat:{suffix}", f"integrations:pause:{suffix}"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit a call is under: its TAT key, the rate granted at, the lateness absorbed, and
+    how much of it the call takes."""
+
+    key: str
+    rate: Rate
+    late: float
+    cost: int = 1
 
 
 def planned(rate: Rate, margin: float) -> tuple[Rate, float]:
@@ -98,21 +144,37 @@ def planned(rate: Rate, margin: float) -> tuple[Rate, float]:
     return Rate(min(rate.per_second, allowed / (1 + late) * (1 - 1e-6)), 1), late
 
 
-def _limits(service: Service, agent: str | None) -> list[tuple[str, Rate, float]]:
-    """``(tat key, rate granted at, lateness absorbed)`` of each limit the call is under."""
-    tat_key = _keys(service.name)[0]
+def _limits(
+    service: Service, agent: str | None, scopes: Sequence[Scope], include_service: bool
+) -> tuple[list[Limit], list[str]]:
+    """The limits a call is under and the pauses that hold it."""
     margin = get_settings().rate_limit_margin
-    limits: list[tuple[str, Rate, float]] = []
-    if agent is not None and service.agent_limit is not None:
-        limits.append((f"{tat_key}:agent:{agent}", *planned(service.agent_limit, margin)))
-    if service.global_limit is not None:
-        limits.append((tat_key, *planned(service.global_limit, margin)))
-    return limits
+    limits: list[Limit] = []
+    pauses: list[str] = []
+    if include_service:
+        tat_key, pause_key = _keys(service.name)
+        pauses.append(pause_key)
+        if agent is not None and service.agent_limit is not None:
+            limits.append(Limit(f"{tat_key}:agent:{agent}", *planned(service.agent_limit, margin)))
+        if service.global_limit is not None:
+            limits.append(Limit(tat_key, *planned(service.global_limit, margin)))
+    for scope in scopes:
+        tat_key, pause_key = _keys(service.name, scope.key)
+        pauses.append(pause_key)
+        if scope.rate is not None:
+            limits.append(Limit(tat_key, *planned(scope.rate, margin), cost=max(1, scope.cost)))
+    return limits, pauses
 
 
-def acquire(service: Service, reserve_up_to: float = 0.0, agent: str | None = None) -> Decision:
-    """Take a slot of the service's global rate limit (and of ``agent``'s own share of it, when
-    the service sets one), unless the service is paused.
+def acquire(
+    service: Service,
+    reserve_up_to: float = 0.0,
+    agent: str | None = None,
+    scopes: Sequence[Scope] = (),
+    include_service: bool = True,
+) -> Decision:
+    """Take a slot of every limit the call is under, unless one of them is paused: the service's
+    global limit and ``agent``'s share of it (``include_service``), and the kind's ``scopes``.
 
     A slot up to ``reserve_up_to`` seconds ahead is kept for the caller (``Decision.slot``),
     who then runs at that time after checking :func:`on_time`; a caller denied further out
@@ -121,50 +183,71 @@ def acquire(service: Service, reserve_up_to: float = 0.0, agent: str | None = No
     r = client()
     if r is None:
         return Decision(0.0)
-    limits = _limits(service, agent)
-    pause_key = _keys(service.name)[1]
+    limits, pauses = _limits(service, agent, scopes, include_service)
+    if not limits and not pauses:
+        return Decision(0.0)
+    max_reserve_us = int(reserve_up_to * 1_000_000)
+    args: list[int] = [len(pauses), len(limits), int(max_reserve_us > 0), max_reserve_us]
+    for limit in limits:
+        interval_us = int(1_000_000 / limit.rate.per_second)
+        ttl_ms = (max_reserve_us + interval_us * (limit.rate.burst + limit.cost)) // 1000 + 60_000
+        args += [interval_us, limit.rate.burst, ttl_ms, limit.cost]
+    wait_us, now = (
+        int(x)
+        for x in r.eval(_ACQUIRE, len(pauses) + len(limits), *pauses, *(lim.key for lim in limits), *args)
+    )
+    if wait_us < 0:
+        return Decision(-wait_us / 1_000_000, paused=True)
     if not limits:
-        left_ms = int(r.pttl(pause_key))
-        return Decision(left_ms / 1000, paused=True) if left_ms > 0 else Decision(0.0)
-    wait_us, slot = 0, 0
-    for key, limit, _ in limits:
-        interval_us = int(1_000_000 / limit.per_second)
-        ttl_ms = int(interval_us * (limit.burst + 1) / 1000) + 60_000
-        max_reserve_us = int(reserve_up_to * 1_000_000)
-        args = (interval_us, limit.burst, int(max_reserve_us > 0), ttl_ms, max_reserve_us)
-        us, now = (int(x) for x in r.eval(_ACQUIRE, 2, key, pause_key, *args))
-        if us < 0:
-            return Decision(-us / 1_000_000, paused=True)
-        if us > max_reserve_us:
-            return Decision(us / 1_000_000)  # no slot taken
-        wait_us, slot = max(wait_us, us), max(slot, now + us)
+        return Decision(0.0)
+    if wait_us > max_reserve_us:
+        return Decision(wait_us / 1_000_000)  # no slot taken
     # Every slot is kept for the caller; it runs when the latest of them comes.
-    return Decision(wait_us / 1_000_000, slot=slot if wait_us > 0 else None, limited=True)
+    return Decision(wait_us / 1_000_000, slot=now + wait_us if wait_us > 0 else None, limited=True)
 
 
-def on_time(service: Service, slot: int, agent: str | None = None) -> Decision:
-    """Check a kept slot when its time has come: still ``Decision(0)`` if the service is not
-    paused and the caller is no later than one interval past the slot. A caller that comes
-    later (a busy worker) takes a new slot instead, so late callers never bunch up and exceed
-    the rate."""
+def on_time(
+    service: Service,
+    slot: int,
+    agent: str | None = None,
+    scopes: Sequence[Scope] = (),
+    include_service: bool = True,
+) -> Decision:
+    """Check a kept slot when its time has come: still ``Decision(0)`` if nothing is paused and
+    the caller is no later past the slot than its grant allowed for. A caller that comes later
+    (a busy worker) takes a new slot instead, so late callers never bunch up and exceed the
+    rate."""
     r = client()
     if r is None:
         return Decision(0.0)
-    pause_ms, late_us = (int(x) for x in r.eval(_ON_TIME, 1, _keys(service.name)[1], slot))
+    limits, pauses = _limits(service, agent, scopes, include_service)
+    pause_ms, late_us = (int(x) for x in r.eval(_ON_TIME, len(pauses), *pauses, slot))
     if pause_ms > 0:
         return Decision(pause_ms / 1000, paused=True)
     # Later than the lateness its grant allowed for: the slot is spent, take a new one.
-    grace_us = min((late * 1_000_000 for _, _, late in _limits(service, agent)), default=0)
+    grace_us = min((lim.late * 1_000_000 for lim in limits), default=0)
     if late_us <= grace_us:
         return Decision(0.0, limited=True)
-    return acquire(service, get_settings().defer_countdown_max, agent)
+    return acquire(service, get_settings().defer_countdown_max, agent, scopes, include_service)
 
 
-def pause(service: str, seconds: float) -> None:
-    """Hold every worker's calls to ``service`` for ``seconds`` (an upstream's Retry-After)."""
+def settle(service: Service, scope: Scope, actual_cost: int) -> None:
+    """Correct a scope's count once a call's real cost is known (an LLM's tokens, charged an
+    estimate before the call): the difference is added, or refunded."""
+    r = client()
+    if r is None or scope.rate is None or actual_cost == scope.cost:
+        return
+    rate, _ = planned(scope.rate, get_settings().rate_limit_margin)
+    delta_us = int((actual_cost - max(1, scope.cost)) * 1_000_000 / rate.per_second)
+    r.eval(_SETTLE, 1, _keys(service.name, scope.key)[0], delta_us)
+
+
+def pause(service: str, seconds: float, scope: str | None = None) -> None:
+    """Hold every worker's calls to ``service`` (or those of one of its scopes: a Slack method)
+    for ``seconds`` (an upstream's Retry-After)."""
     r = client()
     if r is not None and seconds > 0:
-        r.eval(_PAUSE, 1, _keys(service)[1], int(seconds * 1000))
+        r.eval(_PAUSE, 1, _keys(service, scope)[1], int(seconds * 1000))
 
 
 def paused_for(service: str) -> float:

@@ -64,12 +64,15 @@ class CallError(IntegrationError):
         latency_ms: float | None = None,
         excerpt: str | None = None,
         pause: float | None = None,
+        scope: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.latency_ms = latency_ms
         self.excerpt = excerpt
         self.pause = pause
+        #: The part of the service ``pause`` holds (a Slack method: ``Scope.key``); ``None``: all of it.
+        self.scope = scope
         #: What the job keeps of a failure beside its message (a GraphQL error list, ...).
         self.meta: dict[str, Any] = {}
 

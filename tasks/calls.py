@@ -97,18 +97,23 @@ def replay(job_id: str) -> AsyncResult:
 _RESULT_REPR_MAX = len(repr({"job_id": "0" * 36, "status": "succeeded", "status_code": 200}))
 
 
-def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None = None) -> dict[str, Any]:
+def run_job(
+    self: Task, job_id: str, slot: int | None = None, agent: str | None = None, scope_slot: int | None = None
+) -> dict[str, Any]:
     """Run one attempt of job ``job_id``; record it; succeed, retry or fail.
 
     Before the claim, the service's breaker and its global rate limits may defer the job: that
-    charges no attempt. ``slot`` is a rate-limit slot already kept for this run (Redis clock,
-    microseconds); ``agent`` picks the agent's own limit.
+    charges no attempt. After it, the limits of the kind's own (per method, channel, tokens:
+    they depend on the params, which only the ledger holds) may defer it too, giving the claim
+    back. ``slot`` and ``scope_slot`` are rate-limit slots already kept for this run (Redis
+    clock, microseconds); ``agent`` picks the agent's own limit.
     """
     svc = get_services()[self.service_name]
     granted = _gate(self, svc, job_id, slot, agent)
-    if slot is not None and isinstance(self.request.kwargs, dict):
-        # The slot is used by this run; a retry (Celery re-sends these kwargs) takes a new one.
+    if isinstance(self.request.kwargs, dict):
+        # The slots are used by this run; a retry (Celery re-sends these kwargs) takes new ones.
         self.request.kwargs.pop("slot", None)
+        self.request.kwargs.pop("scope_slot", None)
     claim = ledger.claim(job_id)
     if claim is None and spool.flush(job_id):
         # Its last outcome was kept aside while the ledger was away; recorded now, try again.
@@ -118,12 +123,7 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
         # the job's real result is not overwritten.
         log.info("job %s is not queued; duplicate delivery ignored", job_id)
         raise Ignore()
-    if granted is not None and time.monotonic() - granted > get_settings().rate_limit_margin:
-        # The grant went stale before the call (a cold worker, a slow claim): what the upstream
-        # counts is when the call arrives, so take a slot for now, or wait for a new one.
-        decision = coordination.acquire(svc, get_settings().defer_countdown_max, agent)
-        if decision.wait > 0 and ledger.release(claim):
-            _defer(self, job_id, decision.wait, decision.slot, agent)
+    _gate_claimed(self, svc, claim, granted, agent, scope_slot)
     started = utcnow()
     try:
         out = jobs.perform(svc, claim, agent)
@@ -157,7 +157,7 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
             input_tokens=out.usage.input_tokens if out.usage else None,
             output_tokens=out.usage.output_tokens if out.usage else None,
         )
-        _observe(svc, out, None)
+        _observe(svc, out, None, claim)
         # Key order matters: see _RESULT_REPR_MAX.
         return {
             "job_id": job_id,
@@ -185,7 +185,7 @@ def run_job(self: Task, job_id: str, slot: int | None = None, agent: str | None 
         next_attempt_at=started + dt.timedelta(seconds=wait) if will_retry and wait is not None else None,
         meta=err.meta,
     )
-    _observe(svc, None, err)
+    _observe(svc, None, err, claim)
     # Celery stores and emits the exception with its traceback (result backend, task events):
     # our message is clean, but a chained cause (urllib3's, with the URL) may not be.
     err.__cause__, err.__context__, err.__suppress_context__ = None, None, True
@@ -231,7 +231,37 @@ def _gate(task: Task, svc: Service, job_id: str, slot: int | None, agent: str | 
     return time.monotonic() if decision.limited else None
 
 
-def _defer(task: Task, job_id: str, wait: float, slot: int | None, agent: str | None) -> None:
+def _gate_claimed(
+    task: Task,
+    svc: Service,
+    claim: ledger.Claim,
+    granted: float | None,
+    agent: str | None,
+    scope_slot: int | None,
+) -> None:
+    """The limits checked once the job is claimed: the kind's own scopes for these params, and
+    the service's again when its grant went stale before the call (a cold worker, a slow claim:
+    what the upstream counts is when the call arrives). No slot now: the claim is given back
+    (no attempt counted) and the job deferred."""
+    op = svc.operation(claim.operation)
+    scopes = svc.scopes(op, claim.params) if op is not None else []
+    stale = granted is not None and time.monotonic() - granted > get_settings().rate_limit_margin
+    if not scopes and not stale:
+        return
+    if scope_slot is not None and not stale:
+        decision = coordination.on_time(svc, scope_slot, agent, scopes, include_service=False)
+    else:
+        reserve = get_settings().defer_countdown_max
+        decision = coordination.acquire(svc, reserve, agent, scopes, include_service=stale)
+    if decision.wait > 0:
+        if not ledger.release(claim):
+            raise Ignore()  # the claim is no longer this run's to give back or to use
+        _defer(task, claim.job_id, decision.wait, None, agent, scope_slot=decision.slot)
+
+
+def _defer(
+    task: Task, job_id: str, wait: float, slot: int | None, agent: str | None, scope_slot: int | None = None
+) -> None:
     """Run the job again in ``wait`` seconds without charging an attempt: a broker countdown
     when short, else parked in the ledger for beat's dispatcher (a long countdown on Redis
     would outlive the visibility timeout and be delivered twice). ``slot``: the rate-limit slot
@@ -241,6 +271,8 @@ def _defer(task: Task, job_id: str, wait: float, slot: int | None, agent: str | 
         kwargs: dict[str, Any] = {}
         if slot is not None:
             kwargs["slot"] = slot
+        if scope_slot is not None:
+            kwargs["scope_slot"] = scope_slot
         if agent:
             kwargs["agent"] = agent
         task.apply_async((job_id,), kwargs, countdown=wait, task_id=job_id, retries=task.request.retries)
@@ -249,21 +281,25 @@ def _defer(task: Task, job_id: str, wait: float, slot: int | None, agent: str | 
     raise Ignore()
 
 
-def _observe(svc: Service, out: Outcome | None, err: CallError | None) -> None:
+def _observe(svc: Service, out: Outcome | None, err: CallError | None, claim: ledger.Claim) -> None:
     """Feed a call's outcome to the shared state: pauses for every worker and the breaker.
 
     Runs after the outcome is in the ledger; a Redis that is away costs the pause or the
     breaker count, never the outcome."""
     try:
-        _feed(svc, out, err)
+        _feed(svc, out, err, claim)
     except (redis.RedisError, SoftTimeLimitExceeded) as e:
         log.warning("shared state not updated (%s); %s outcome not counted", type(e).__name__, svc.name)
 
 
-def _feed(svc: Service, out: Outcome | None, err: CallError | None) -> None:
+def _feed(svc: Service, out: Outcome | None, err: CallError | None, claim: ledger.Claim) -> None:
     pause = out.pause if out is not None else err.pause if err is not None else None
     if pause:
-        coordination.pause(svc.name, min(pause, svc.retry.retry_after_max))
+        coordination.pause(svc.name, min(pause, svc.retry.retry_after_max), err.scope if err else None)
+    op = svc.operation(claim.operation)
+    if out is not None and op is not None:
+        for scope, cost in svc.settle(op, claim.params, out):
+            coordination.settle(svc, scope, cost)
     if isinstance(err, RateLimited | BlockedAddress):
         return  # says nothing of the upstream's health
     failed = isinstance(err, TransientError)

@@ -153,6 +153,11 @@ class Service(Strict):
         """Rate limits of the kind's own for this call, beside the service's and the agent's."""
         return []
 
+    def settle(self, op: Operation, params: dict[str, Any], outcome: Outcome) -> list[tuple[Scope, int]]:
+        """``(scope, real cost)`` of the scopes whose cost was an estimate before the call (an
+        LLM's tokens), so the limiter counts what was spent."""
+        return []
+
     def describe(self) -> str:
         """A line for ``integrations services``: where the service is, how it authenticates."""
         return self.kind
