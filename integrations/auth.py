@@ -39,15 +39,11 @@ class BasicAuth(Strict):
 Auth = Annotated[NoAuth | BearerAuth | ApiKeyAuth | BasicAuth, Field(discriminator="type")]
 
 
-def secrets_of(auth: Auth) -> list[Secret]:
-    """The secrets ``auth`` sends (to keep them out of what is stored)."""
-    match auth:
-        case BearerAuth(token=token):
-            return [token]
-        case ApiKeyAuth(key=key):
-            return [key]
-        case BasicAuth(password=password):
-            return [password]
+def sent_values(auth: Auth) -> list[str]:
+    """What ``auth`` puts on the wire besides its secrets as such (Basic's ``user:password``,
+    whose base64 an upstream may echo), to keep out of what is stored."""
+    if isinstance(auth, BasicAuth) and auth.password.available:
+        return [f"{auth.username}:{auth.password.get()}"]
     return []
 
 

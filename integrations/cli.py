@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from integrations.errors import IntegrationError
 from integrations.ledger.models import DeliveryStatus, JobStatus
@@ -27,8 +28,25 @@ def parse_value(raw: str, schema: dict[str, Any] | None) -> Any:
         return raw
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise IntegrationError("a key=value value is nested too deeply") from None
     except ValueError:
         return raw
+
+
+def positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number above zero."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("must be a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be above zero")
+        return value
+
+    return parse
 
 
 def parse_params(pairs: Sequence[str], schema: dict[str, Any]) -> dict[str, Any]:
@@ -43,6 +61,11 @@ def parse_params(pairs: Sequence[str], schema: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+#: Control characters (a terminal's escape sequences among them) shown as escapes: an
+#: upstream's error text or a sender's event type must not drive the operator's terminal.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]}
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -50,7 +73,15 @@ def _fmt(v: Any) -> str:
         return v.strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(v, float):
         return f"{v:.1f}"
-    return str(v)
+    return str(v).translate(_CONTROL)
+
+
+def _shown_url(url: str) -> str:
+    """An endpoint's URL as listed: its origin only, since a path or query may be the secret
+    (Slack's and Discord's webhook URLs are)."""
+    parts = urlsplit(url)
+    rest = "/…" if (parts.path not in ("", "/") or parts.query) else ""
+    return f"{parts.scheme}://{parts.netloc}{rest}"
 
 
 def _table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
@@ -133,7 +164,7 @@ def cmd_services(args: argparse.Namespace) -> int:
     print(f"{get_settings().services_file}: {len(services)} services, valid")
     for svc in services.values():
         limit = f", rate limit {svc.rate_limit}" if svc.rate_limit else ""
-        print(f"{svc.name} ({svc.describe()}{limit})")
+        print(redact(f"{svc.name} ({svc.describe()}{limit})"))
         for name, op in svc.catalog().items():
             line = svc.describe_operation(name, op)
             print(f"  {name}: {line}" if line else f"  {name}")
@@ -226,7 +257,8 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
         return 0
     if args.action == "list":
         cols = ["id", "url", "event_types", "enabled", "disabled_reason", "last_success_at", "created_at"]
-        print(_table(deliveries.list_endpoints(), cols))
+        rows = [{**e, "url": _shown_url(e["url"])} for e in deliveries.list_endpoints()]
+        print(_table(rows, cols))
         return 0
     if not args.url:
         raise IntegrationError(f"endpoints {args.action} needs an endpoint id")
@@ -326,7 +358,7 @@ def add_commands(sub: Any) -> None:
     j = sub.add_parser("jobs", help="list jobs, newest first")
     j.add_argument("--status", choices=[s.value for s in JobStatus])
     j.add_argument("--service")
-    j.add_argument("--limit", type=int, default=20)
+    j.add_argument("--limit", type=positive(int), default=20)
     j.set_defaults(func=cmd_jobs)
 
     one = sub.add_parser("job", help="one job with its attempts")
@@ -347,7 +379,7 @@ def add_commands(sub: Any) -> None:
     ev = sub.add_parser("events", help="incoming events, newest first; with an id, its handlings")
     ev.add_argument("id", nargs="?")
     ev.add_argument("--source")
-    ev.add_argument("--limit", type=int, default=20)
+    ev.add_argument("--limit", type=positive(int), default=20)
     ev.set_defaults(func=cmd_events)
 
     sub.add_parser(
@@ -367,7 +399,7 @@ def add_commands(sub: Any) -> None:
     ds = sub.add_parser("deliveries", help="outgoing webhook deliveries, newest first")
     ds.add_argument("--endpoint")
     ds.add_argument("--status", choices=[s.value for s in DeliveryStatus])
-    ds.add_argument("--limit", type=int, default=20)
+    ds.add_argument("--limit", type=positive(int), default=20)
     ds.set_defaults(func=cmd_deliveries)
 
     one_d = sub.add_parser("delivery", help="one delivery with every attempt")

@@ -91,11 +91,23 @@ class Response:
         return self.body[:limit].decode("utf-8", errors="replace")
 
     def scrubbed(self, secrets: Sequence[str]) -> Response:
-        """This response with ``secrets`` masked in its body (see :func:`integrations.redact.scrub`)."""
-        if not secrets or not self.body:
+        """This response with ``secrets`` masked in its body and its reason phrase (see
+        :func:`integrations.redact.scrub`): what an upstream echoes must not be stored."""
+        if not secrets:
             return self
-        body = redact.scrub(self.body, secrets)
-        return self if body is self.body else replace(self, body=body)
+        body = redact.scrub(self.body, secrets) if self.body else self.body
+        reason = redact.scrub(self.reason.encode(), secrets).decode() if self.reason else self.reason
+        if body is self.body and reason == self.reason:
+            return self
+        return replace(self, body=body, reason=reason)
+
+    def data_scrubbed(self, secrets: Sequence[str]) -> Any:
+        """:meth:`data`, with ``secrets`` also masked in the parsed strings: JSON may write a
+        secret escaped (``\\/``, ``\\u003d``), which the raw body does not show."""
+        data = self.data()
+        if secrets and b"\\" in self.body:
+            return redact.scrub_data(data, secrets)
+        return data
 
 
 class CrossOriginRedirect(PermanentError):
@@ -211,6 +223,8 @@ def send(service: Peer, req: Request, max_bytes: int) -> Response:
         raise TransientError(f"connection to {host} failed ({_cause(e)})") from None
     except requests.RequestException as e:
         raise PermanentError(f"request to {host} failed ({type(e).__name__})") from None
+    except ValueError:  # a malformed Location or URL from the upstream (urllib3's LocationParseError)
+        raise PermanentError(f"{host} answered with a malformed redirect") from None
     latency_ms = (time.perf_counter() - t0) * 1000
     return Response(r.status_code, r.reason or "", dict(r.headers.lower_items()), body, latency_ms)
 

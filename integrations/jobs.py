@@ -19,6 +19,9 @@ from integrations.services import Attempt, Operation, Outcome, Service, get_serv
 #: ``publish(service, job_id, agent)`` puts a job's message on the broker.
 Publish = Callable[[str, str, str | None], None]
 
+#: Params nested deeper than this are refused at submit (no call needs it; parsers recurse).
+PARAMS_DEPTH_MAX = 32
+
 _AGENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}")
 
 
@@ -35,21 +38,37 @@ def resolve(service: str, operation: str) -> tuple[Service, Operation]:
     return svc, op
 
 
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list | tuple):
+            if depth > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def prepare(service: str, operation: str, params: Any) -> dict[str, Any]:
     """Validate a call before anything is written; return the params as they will be sent.
 
     Raises :class:`InvalidParams` for params that do not match the operation's schema, that
     are not JSON values, or that are larger than ``PARAMS_MAX_BYTES`` (they are stored)."""
     _, op = resolve(service, operation)
+    where = f"{service}.{operation}"
+    if _too_deep(params, PARAMS_DEPTH_MAX):
+        raise InvalidParams(f"{where}: params are nested deeper than {PARAMS_DEPTH_MAX} levels")
     try:
         clean = op.validate_params(params)
-        size = len(json.dumps(clean, allow_nan=False, separators=(",", ":")).encode())
+        # Measured as the ledger stores it (SQLAlchemy's JSON: json.dumps, default separators).
+        size = len(json.dumps(clean, allow_nan=False, ensure_ascii=False).encode("utf-8"))
     except InvalidParams as e:
-        raise InvalidParams(f"{service}.{operation}: {e}") from None
+        raise InvalidParams(f"{where}: {e}") from None
+    except UnicodeEncodeError:
+        raise InvalidParams(f"{where}: params must be valid Unicode text (a lone surrogate)") from None
     except (TypeError, ValueError, RecursionError):
-        raise InvalidParams(
-            f"{service}.{operation}: params must be JSON values (text, numbers, lists, mappings)"
-        ) from None
+        raise InvalidParams(f"{where}: params must be JSON values (text, numbers, lists, mappings)") from None
     limit = get_settings().params_max_bytes
     if size > limit:
         raise InvalidParams(f"{service}.{operation}: params are larger than {limit} bytes (PARAMS_MAX_BYTES)")
@@ -74,9 +93,9 @@ def enqueue(
     knows, and no job is left queued with no message.
     """
     if idempotency_key is not None and not (
-        isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255
+        isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255 and idempotency_key.isprintable()
     ):
-        raise InvalidParams("idempotency_key must be a string of 1 to 255 characters")
+        raise InvalidParams("idempotency_key must be 1 to 255 printable characters")
     if agent is not None and not (isinstance(agent, str) and _AGENT.fullmatch(agent)):
         raise InvalidParams(
             "agent must be 1 to 100 letters, digits or '_.:@-', starting with a letter or digit"

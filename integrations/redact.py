@@ -23,6 +23,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import quote, quote_plus
 
 MASK = "[REDACTED]"
@@ -32,7 +33,8 @@ MIN_LENGTH = 4
 #: Query parameters and fields that carry a credential whatever their value.
 _CREDENTIAL_NAMES = (
     r"api[_-]?key|apikey|key|token|access[_-]?token|refresh[_-]?token|id[_-]?token|client[_-]?secret"
-    r"|secret|password|passwd|pwd|signature|sig|auth|authorization|code|x-amz-signature|x-amz-credential"
+    r"|secret|password|passwd|pwd|signature|sig|auth|authorization|code|access[_-]?key|x-amz-signature"
+    r"|x-amz-credential"
     r"|x-amz-security-token"
 )
 _PATTERNS = [
@@ -104,6 +106,27 @@ def scrub(body: bytes, secrets: Iterable[str]) -> bytes:
             if raw in body:
                 body = body.replace(raw, MASK.encode())
     return body
+
+
+def scrub_data(data: Any, secrets: Iterable[str]) -> Any:
+    """``data`` (parsed JSON) with ``secrets`` masked inside every string, key or value."""
+    values = sorted({v for s in secrets for v in variants(s)}, key=len, reverse=True)
+    if not values:
+        return data
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, str):
+            for value in values:
+                if value in node:
+                    node = node.replace(value, MASK)
+            return node
+        if isinstance(node, dict):
+            return {clean(k): clean(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return node
+
+    return clean(data)
 
 
 class RedactingFilter(logging.Filter):

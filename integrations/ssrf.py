@@ -34,6 +34,9 @@ Address = IPv4Address | IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215
 _SIIT = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 6145 IPv4-translated
+#: Not public although Python may call them global: site-local (deprecated, RFC 3879) and the
+#: documentation range of RFC 9637.
+_NOT_PUBLIC = (ipaddress.ip_network("fec0::/10"), ipaddress.ip_network("3fff::/20"))
 _HINT = (
     "(a service allows it with allow_private_network or allowed_networks; outgoing webhooks "
     "with WEBHOOK_ALLOWED_NETWORKS)"
@@ -68,7 +71,7 @@ def is_public(ip: Address) -> bool:
     inner = embedded_ipv4(ip)
     if inner is not None:
         return is_public(inner)
-    if isinstance(ip, IPv6Address) and ip.scope_id:
+    if isinstance(ip, IPv6Address) and (ip.scope_id or ip.is_site_local or any(ip in n for n in _NOT_PUBLIC)):
         return False
     return ip.is_global and not ip.is_multicast and not ip.is_reserved and not ip.is_unspecified
 

@@ -20,7 +20,7 @@ from celery.result import AsyncResult
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import SQLAlchemyError
 
-from integrations import breaker, coordination, jobs
+from integrations import breaker, coordination, jobs, redact
 from integrations.config import get_settings
 from integrations.errors import CallError, PermanentError, RateLimited, TransientError
 from integrations.ledger import jobs as ledger
@@ -114,7 +114,15 @@ def run_job(
         # The slots are used by this run; a retry (Celery re-sends these kwargs) takes new ones.
         self.request.kwargs.pop("slot", None)
         self.request.kwargs.pop("scope_slot", None)
-    claim = ledger.claim(job_id)
+    try:
+        claim = ledger.claim(job_id)
+    except (SoftTimeLimitExceeded, SQLAlchemyError) as e:
+        if isinstance(e, SQLAlchemyError) and not unreachable(e):
+            raise
+        # The ledger is away: nothing was claimed or called. Come back later rather than let
+        # Celery store a failure the agent would take for the job's.
+        log.warning("ledger away (%s): job %s deferred before its claim", type(e).__name__, job_id)
+        _defer(self, job_id, get_settings().defer_countdown_max, None, agent)
     if claim is None and spool.flush(job_id):
         # Its last outcome was kept aside while the ledger was away; recorded now, try again.
         claim = ledger.claim(job_id)
@@ -172,6 +180,10 @@ def run_job(
             "data": out.data,
         }
 
+    # Whatever an upstream put in the message (a reason phrase, a server's text) is masked
+    # before it is stored, sent to Celery or shown.
+    if (masked := redact.redact(str(err))) != str(err):
+        err.args = (masked,)
     will_retry = err.retryable and self.request.retries < self.max_retries
     wait = err.retry_after if isinstance(err, RateLimited) else None
     _record(
@@ -204,7 +216,11 @@ def _record(claim: ledger.Claim, **fields: Any) -> None:
         ledger.record_attempt(claim, **fields)
     except (SoftTimeLimitExceeded, SQLAlchemyError) as e:
         if isinstance(e, SQLAlchemyError) and not unreachable(e):
-            raise
+            # A value the database will not store: record the outcome without it, never leave
+            # the job running (the sweeper would call the upstream again).
+            log.error("job %s: the ledger refused the outcome's details (%s)", claim.job_id, type(e).__name__)
+            ledger.record_attempt(claim, **ledger.refused_fields(fields, e))
+            return
         spool.put(claim, fields)
         log.warning(
             "ledger unreachable (%s): job %s's outcome kept aside until it is back",

@@ -72,7 +72,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 
 def _wait_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait")
+    p.add_argument("--timeout", type=cli.positive(float), default=60.0, help="seconds to wait with --wait")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import datetime as dt
 
 from celery.utils.log import get_task_logger
 
-from integrations import breaker, coordination, health
+from integrations import breaker, coordination, health, redact
 from integrations.config import get_settings
 from integrations.ledger import jobs as ledger
 from integrations.ledger import spool
@@ -74,7 +74,8 @@ def health_check(service: str) -> bool | None:
         log.info("health check of %s skipped: the service is paused or at its rate limit", service)
         return None
     out = health.check(svc)
-    ledger.record_health(service, out.ok, out.status_code, out.latency_ms, out.error)
+    error = redact.redact(out.error) if out.error else None
+    ledger.record_health(service, out.ok, out.status_code, out.latency_ms, error)
     if out.ok and breaker.state(service) != "closed":
         breaker.reset(service)
         ledger.record_breaker_event(service, "closed", "health check passed")

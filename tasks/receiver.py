@@ -29,6 +29,8 @@ def serve() -> None:
     redact.install()
     s = get_settings()
     sources = get_webhooks()
+    for src in sources.values():
+        _ = src.secrets  # a secret not set here stops the receiver now, in one line naming it
     if sources:
         log.warning("receiving webhooks at /webhooks/{%s}", ",".join(sorted(sources)))
     else:

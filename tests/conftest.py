@@ -38,6 +38,8 @@ SPARE_REDIS_URL = os.environ.get("TEST_SPARE_REDIS_URL") or _redis.set(
 ).render_as_string(hide_password=False)
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TOKEN = "tok-" + uuid.uuid4().hex  # the secret the stub services use; must never leak
+HEADER_TOKEN = "hdr-" + uuid.uuid4().hex  # a fixed header's value from the environment
+BOT_TOKEN = "4242:" + uuid.uuid4().hex  # a token inside a base URL's path
 # Webhook secrets of the test sources (tests/services.yaml); they must never leak either.
 GH_SECRET = "gh-" + uuid.uuid4().hex
 STD_SECRET_OLD = "whsec_" + base64.b64encode(os.urandom(24)).decode()
@@ -80,6 +82,8 @@ os.environ.update(
     SERVICES_FILE=str(ROOT / "tests" / "services.yaml"),
     STUB_URL=STUB.url,
     STUB_TOKEN=TOKEN,
+    HEADER_TOKEN=HEADER_TOKEN,
+    BOT_TOKEN=BOT_TOKEN,
     LEDGER_BODY_MAX_BYTES="512",
     RESPONSE_MAX_BYTES="65536",
     GH_WEBHOOK_SECRET=GH_SECRET,

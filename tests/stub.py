@@ -24,6 +24,7 @@ class Reply:
     body: Any = None
     delay: float = 0.0
     drop: bool = False  # close the connection without answering
+    reason: str | None = None  # the status line's reason phrase, when not the standard one
 
 
 @dataclass
@@ -137,7 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
             if body and payload["json"] is None:  # a form body, say: echoed as text
                 payload["text"] = body.decode("utf-8", errors="replace")
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(reply.status)
+        self.send_response(reply.status, reply.reason)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for k, v in reply.headers.items():

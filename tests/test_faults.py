@@ -509,3 +509,33 @@ def test_an_outcome_got_while_postgres_is_away_past_the_time_limit_is_recorded_o
     assert job["attempts"] == 1 and [a["outcome"] for a in job["attempts_log"]] == ["succeeded"]
     assert len(stub.hits_for(key)) == 1
     assert "kept aside" in log.read_text()
+
+
+STATE = """
+from tasks import call_service
+print(call_service.AsyncResult({job_id!r}).state)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_job_whose_claim_cannot_reach_the_ledger_is_not_reported_failed(
+    tmp_path: Path, stub: Stub, key: str
+) -> None:
+    # Submitted while the ledger is up; the worker starts while it is away and past the soft
+    # time limit. Nothing was claimed or called: the agent must not be told "failed".
+    db = make_url(DATABASE_URL)
+    target = (db.host or "127.0.0.1", db.port or 5432)
+    short = {**FAULT_SETTINGS, "TASK_SOFT_TIME_LIMIT": 3, "TASK_TIME_LIMIT": 6, "DEFER_COUNTDOWN_MAX": 2}
+    with TcpProxy(target) as proxy, redis_server(tmp_path) as server:
+        via_proxy = db.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        env = stack_env(server.url, via_proxy, SERVICES_FILE=FAULT_SERVICES, **short)
+        [job_id] = submit("flaky", key, 1, env)
+        proxy.cut()
+        log = tmp_path / "worker-claim.log"
+        with worker_nodes(["claim"], env, tmp_path, ["-P", "prefork", "-c", "1"]):
+            wait_for(lambda: "deferred before its claim" in log.read_text(), 40, "a claim deferred", log)
+            assert python(STATE.format(job_id=job_id), env).stdout.strip() == "PENDING"
+            proxy.restore()
+            rows = wait_terminal([job_id], 60, [log])
+    assert rows[job_id]["status"] == "succeeded" and rows[job_id]["attempts"] == 1
+    assert len(stub.hits_for(key)) == 1

@@ -7,7 +7,10 @@ Two loopback servers play the parts: the stub on 127.0.0.1 (the service) and ano
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import json
 import re
@@ -24,7 +27,7 @@ import pytest
 import redis
 import requests
 from celery.signals import before_task_publish
-from conftest import GH_SECRET, IMAP_PASSWORD, REDIS_URL, TOKEN
+from conftest import BOT_TOKEN, GH_SECRET, HEADER_TOKEN, IMAP_PASSWORD, REDIS_URL, TOKEN
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from procs import cli, env_with
@@ -38,7 +41,7 @@ from integrations.jobs import resolve
 from integrations.ledger import deliveries
 from integrations.ledger import jobs as ledger
 from integrations.ledger.db import get_engine
-from integrations.ledger.models import Job
+from integrations.ledger.models import Job, JobStatus, utcnow
 from integrations.services import Attempt, load_services
 from integrations.services.rest import RestService
 from tasks import call_service
@@ -206,6 +209,8 @@ def nat64_local(v4: str) -> str:
         ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
         ("2002:808:808::", True),
         ("fe80::1", False),
+        ("fec0::1", False),  # site-local
+        ("3fff::1", False),  # documentation, RFC 9637
     ],
 )
 def test_addresses_are_judged_by_the_ipv4_they_carry_and_multicast_and_reserved_are_refused(
@@ -386,7 +391,7 @@ def test_dot_segments_in_a_path_parameter_are_refused_at_submit(
     value: str, published: list[Any], stub: Stub
 ) -> None:
     before = job_count()
-    with pytest.raises(InvalidParams, match=re.escape("id: must not be '.' or '..'")):
+    with pytest.raises(InvalidParams, match=re.escape("id: must not be or contain a '.' or '..' segment")):
         call_service.delay("stub_based", "item", {"id": value})
     assert job_count() == before and published == []
 
@@ -417,7 +422,7 @@ def _is_dot(value: str) -> bool:
 
 
 def test_tricky_path_values_reach_the_server_inside_the_base_path(stub: Stub, key: str) -> None:
-    for value in (f"{key}/../../admin", f"{key}?x=1#f", f"{key}\\..", f"{key}%2F.."):
+    for value in (f"{key}?x=1#f", f"{key}/a b", f"{key};p=1", f"{key}..x"):
         out = call_service.delay("stub_based", "item", {"id": value}).get(timeout=20)
         assert out["status"] == "succeeded"
     paths = [h.path for h in stub.hits if h.path.startswith("/api/v1/tenant42/items/") and key in h.path]
@@ -479,3 +484,221 @@ def test_an_endpoint_that_could_never_be_delivered_to_is_refused_when_added(url:
     assert expected in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert SECRET not in out.stderr and "Traceback" not in out.stderr
     assert len(deliveries.list_endpoints()) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# What an outsider's review of the hardening found, each reproduced
+# ------------------------------------------------------------------------------------------------
+
+BASIC = base64.b64encode(f"agent:{TOKEN}".encode()).decode()
+DEEP: Any = "x"
+for _ in range(34):
+    DEEP = [DEEP]
+A_SERVICE = "services:\n  a: {base_url: 'https://a.example', operations: {x: {path: /x}}}\n"
+DEEP_SCHEMA = "{type: array, items: " * 150 + "{}" + "}" * 150
+
+
+def key_() -> str:
+    return str(uuid.uuid4())
+
+
+@pytest.mark.parametrize("value", ["../../admin", "x/../../v2", "a\\..\\b", "..%5Cx", "%2e%2e%2fx", "./x"])
+def test_a_path_value_that_a_decoding_proxy_would_resolve_out_of_the_base_path_is_refused(
+    value: str, published: list[Any]
+) -> None:
+    # Sent quoted (..%2F..%2Fadmin), but nginx or Go's ServeMux decode %2F and resolve the dots.
+    before = job_count()
+    with pytest.raises(InvalidParams, match=r"id: must not be or contain a '\.' or '\.\.' segment"):
+        call_service.delay("stub_based", "item", {"id": value})
+    assert job_count() == before and published == []
+
+
+def test_a_path_value_with_slashes_but_no_dot_segment_goes_quoted_whole(stub: Stub, key: str) -> None:
+    out = call_service.delay("stub_based", "item", {"id": f"{key}/group/project"}).get(timeout=20)
+    assert out["status"] == "succeeded"
+    assert [h.path for h in stub.hits if key in h.path] == [f"/api/v1/tenant42/items/{key}%2Fgroup%2Fproject"]
+
+
+def test_an_answer_holding_nul_is_recorded_not_left_running(stub: Stub, key: str) -> None:
+    # PostgreSQL refuses NUL in text: the job must still end, recorded, and not be run again.
+    stub.plan(key, Reply(body=b'{"x": "a\\u0000b"}'), Reply(body=b"raw\x00nul"))
+    first = call_service.delay("stub", "echo", {"key": key}).get(timeout=20)
+    second = call_service.delay("stub", "echo", {"key": key}).get(timeout=20)
+    assert first["status"] == second["status"] == "succeeded"
+    job = ledger.get_job(second["job_id"])
+    assert job is not None and job["status"] == "succeeded" and "\ufffd" in (job["response_excerpt"] or "")
+    stub.plan(key, Reply(status=400, reason="Bad\x00Request"))
+    failed = call_service.delay("stub", "echo", {"key": key})
+    with pytest.raises(PermanentError):
+        failed.get(timeout=20)
+    row = ledger.get_job(failed.id)
+    assert row is not None and row["status"] == "failed" and row["attempts"] == 1
+    assert len(stub.hits_for(key)) == 3
+
+
+def test_an_outcome_recorded_late_never_overwrites_a_newer_attempt(stub: Stub, key: str) -> None:
+    job_id, _ = ledger.create_job("stub", "echo", {"key": key}, None)
+    first = ledger.claim(job_id)
+    assert first is not None
+    # Attempt 1's outcome is held back (the ledger was away); the job is run again meanwhile.
+    with get_engine().begin() as conn:
+        conn.execute(ledger.jobs.update().where(ledger.jobs.c.id == job_id).values(status="retrying"))
+    second = ledger.claim(job_id)
+    assert second is not None and second.attempt == 2
+    ledger.write_attempt(
+        second, status=JobStatus.SUCCEEDED, started_at=utcnow(), status_code=200, latency_ms=1.0,
+        error=None, response_excerpt="ok",
+    )  # fmt: skip
+    ledger.write_attempt(
+        first, status=JobStatus.RETRYING, started_at=utcnow(), status_code=502, latency_ms=1.0,
+        error="HTTP 502", response_excerpt=None,
+    )  # fmt: skip
+    job = ledger.get_job(job_id, with_attempts=True)
+    assert job is not None and job["status"] == "succeeded" and job["status_code"] == 200
+    assert [a["number"] for a in job["attempts_log"]] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("reply", "service"),
+    [
+        # Basic auth echoed as the header it came in.
+        (Reply(body={"seen": "Authorization: Basic " + BASIC}), "stub_basic"),
+        # The reason phrase, which is no part of the body.
+        (Reply(status=400, reason=f"Bad token {TOKEN}"), "stub"),
+        # JSON that escapes the token (PHP's \/, Java's \u003d): the raw bytes do not show it.
+        (Reply(body=json.dumps({"seen": TOKEN}).replace("-", "\\u002d").encode()), "stub"),
+        # A fixed header from ${VAR}, echoed in the reason.
+        (Reply(status=400, reason=f"Bad tenant {HEADER_TOKEN}"), "stub_headerkey"),
+    ],
+)
+def test_credentials_echoed_in_any_form_are_masked_in_the_ledger_result_and_cli(
+    reply: Reply, service: str, stub: Stub, key: str
+) -> None:
+    stub.plan(key, reply)
+    r = call_service.delay(service, "echo", {"key": key})
+    try:
+        shown = json.dumps(r.get(timeout=20))
+    except PermanentError as e:
+        shown = str(e)
+    job = ledger.get_job(r.id, with_attempts=True)
+    stored = redis.Redis.from_url(REDIS_URL).get(f"celery-task-meta-{r.id}") or b""
+    listing = cli("jobs", "--service", service, "--limit", "500").stdout + cli("job", r.id).stdout
+    for secret in (TOKEN, HEADER_TOKEN):
+        assert secret not in shown and secret.encode() not in stored
+        assert secret not in json.dumps(job, default=str) and secret not in listing
+    assert "[REDACTED]" in shown + json.dumps(job, default=str)
+
+
+def test_a_token_inside_the_base_url_is_a_credential(stub: Stub, key: str) -> None:
+    # The stub echoes the request's path, which holds the token.
+    out = call_service.delay("stub_botpath", "echo", {"key": key}).get(timeout=20)
+    assert out["data"]["path"] == f"/bot[REDACTED]/echo/{key}"
+    assert [h.path for h in stub.hits if key in h.path] == [f"/bot{BOT_TOKEN}/echo/{key}"]
+    services = cli("services")
+    assert "stub_botpath (rest" in services.stdout and BOT_TOKEN not in services.stdout
+
+
+def test_an_endpoint_url_is_listed_by_its_origin_only(key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    secret_path = f"/services/T000/B000/{key}SlackPathSecret"
+    out = cli("endpoints", "add", f"http://127.0.0.1:9{secret_path}?access_key={key}q", "--events", "x")
+    assert out.returncode == 0, out.stderr
+    listing = cli("endpoints", "list").stdout
+    assert "http://127.0.0.1:9/…" in listing and "SlackPathSecret" not in listing
+
+
+def test_json_numbers_json_does_not_allow_and_control_characters_in_ids_are_400(stub: Stub) -> None:
+    from conftest import GH_SECRET as secret
+
+    from integrations.config import get_settings, get_webhooks
+    from integrations.webhooks.receiver import create_app
+    from tasks.events import publish_event
+
+    app = create_app(get_webhooks(), publish_event, get_settings().webhook_max_body_bytes)
+    from asgi_server import serve
+
+    with serve(app) as url:
+        for body in (b'{"a": NaN}', b'{"a": Infinity}', b'{"a": 1e999}'):
+            sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+            headers = {"X-Hub-Signature-256": sig, "X-GitHub-Event": "push", "X-GitHub-Delivery": key_()}
+            r = requests.post(f"{url}/webhooks/gh", data=body, headers=headers, timeout=10)
+            assert r.status_code == 400, (body, r.text)
+        body = b"{}"
+        sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        headers = {"X-Hub-Signature-256": sig, "X-GitHub-Event": "push\x1b[31m", "X-GitHub-Delivery": "d"}
+        r = requests.post(f"{url}/webhooks/gh", data=body, headers=headers, timeout=10)
+        assert r.status_code == 400 and "control character" in r.text
+
+
+def test_a_receiver_missing_a_sources_secret_refuses_to_start_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text(
+        "services:\n  x: {base_url: 'https://x.example', operations: {a: {path: /a}}}\n"
+        "webhooks:\n  gh: {type: github, secret: '${T_UNSET_HOOK_SECRET}'}\n"
+    )
+    out = cli("receiver", env=env_with(SERVICES_FILE=path, RECEIVER_PORT=1, T_UNSET_HOOK_SECRET=None))
+    assert out.returncode == 2
+    expected = "webhooks.gh.secret: environment variable T_UNSET_HOOK_SECRET is not set"
+    assert out.stderr.strip().startswith(f"error: {expected} (nor T_UNSET_HOOK_SECRET_FILE)")
+
+
+def test_cli_output_shows_control_characters_escaped(stub: Stub, key: str) -> None:
+    stub.plan(key, Reply(status=400, reason="Bad \x1b[2J\x1b[31mRequest"))
+    with pytest.raises(PermanentError):
+        call_service.delay("stub", "echo", {"key": key}).get(timeout=20)
+    listing = cli("jobs", "--status", "failed", "--service", "stub", "--limit", "500").stdout
+    assert "\x1b" not in listing and "\\x1b[2J" in listing
+
+
+@pytest.mark.parametrize(
+    ("params", "key", "message"),
+    [
+        ({"key": "k", "title": "lone \ud800 surrogate"}, None, "valid Unicode text"),
+        ({"key": "k", "title": "t", "tags": DEEP}, None, "nested deeper than 32"),
+        ({"key": "k", "title": "t"}, "bad\x00key", "idempotency_key must be 1 to 255 printable characters"),
+        ({"key": "k", "title": "t", "x" * 200: 1}, None, "x" * 40 + ": not a parameter"),
+    ],
+)
+def test_more_bad_input_is_refused_at_submit_in_one_line(
+    params: dict[str, Any], key: str | None, message: str, published: list[Any]
+) -> None:
+    before = job_count()
+    with pytest.raises(InvalidParams) as e:
+        call_service.delay("stub", "create", params, idempotency_key=key)
+    assert message in str(e.value) and "x" * 41 not in str(e.value)
+    assert job_count() == before and published == []
+
+
+def test_the_cli_refuses_bad_numbers_and_deep_values_without_a_traceback() -> None:
+    for args in (
+        ("call", "stub", "echo", "key=k", "--wait", "--timeout", "-1"),
+        ("jobs", "--limit", "-1"),
+        ("call", "stub", "create", "key=k", "title=t", "tags=" + "[" * 5000 + "]" * 5000),
+    ):
+        out = cli(*args)
+        assert out.returncode == 2, out
+        assert "Traceback" not in out.stderr and "RecursionError" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (A_SERVICE + "services:\n  b: {}\n", "'services' is given twice"),
+        (
+            A_SERVICE.replace("operations:", "headers: {'${T_SEC}': v}, operations:"),
+            "may be a value only, not a key",
+        ),
+        (A_SERVICE.replace("{path: /x}", "{path: /x, query: {q: " + DEEP_SCHEMA + "}}"), "nested too deeply"),
+    ],
+)
+def test_more_broken_services_files_are_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_text(tmp_path, text)
+
+
+def test_a_malformed_redirect_is_a_permanent_error_not_an_internal_one(stub: Stub, key: str) -> None:
+    port = stub.server_address[1]
+    stub.plan(key, Reply(status=302, headers={"Location": f"http://127.0.0.1:{port} /x"}))
+    stub.plan(key + "b", Reply(status=302, headers={"Location": "http://[::1/x"}))
+    for k in (key, key + "b"):
+        with pytest.raises(PermanentError, match="redirect"):
+            call_service.delay("stub", "echo", {"key": k}).get(timeout=20)

@@ -25,9 +25,32 @@ _PLACEHOLDER = re.compile(r"__ENV_REF_(\d+)__")
 SECTIONS = ("services", "webhooks", "mailboxes", "agents")
 
 _M = TypeVar("_M", bound=BaseModel)
+
+
 #: libyaml's safe loader when PyYAML has it: a services file with hundreds of imported
 #: operations parses several times faster.
-_SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+class DuplicateKey(ValueError):
+    """A mapping gives one key twice: YAML keeps the last, which could drop a whole section."""
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """A safe loader (libyaml's when there is one) that refuses duplicate keys."""
+
+
+def _mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise DuplicateKey(f"'{key}' is given twice in one mapping (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+_SAFE_LOADER: Any = _Loader
 
 
 def read_file(path: Path) -> dict[str, Any]:
@@ -47,11 +70,15 @@ def read_file(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"services file {path}: cannot read it ({e.strerror})") from None
     except yaml.YAMLError as e:
+        if "nesting depth" in str(getattr(e, "problem", "")):
+            raise ConfigError(f"services file {path}: nested too deeply") from None
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"services file {path}: not valid YAML{where}") from None
     except RecursionError:
         raise ConfigError(f"services file {path}: nested too deeply") from None
+    except DuplicateKey as e:
+        raise ConfigError(f"services file {path}: {e}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("services"), dict):
         raise ConfigError(f"services file {path}: expected a mapping with a 'services' key")
     unknown = sorted(str(k) for k in raw if k not in SECTIONS)
@@ -65,6 +92,8 @@ def read_file(path: Path) -> dict[str, Any]:
 
 def _restore_refs(node: Any, refs: list[str]) -> Any:
     if isinstance(node, dict):
+        if any(isinstance(k, str) and _PLACEHOLDER.search(k) for k in node):
+            raise ConfigError("a ${VAR} reference may be a value only, not a key")
         return {k: _restore_refs(v, refs) for k, v in node.items()}
     if isinstance(node, list):
         return [_restore_refs(v, refs) for v in node]
@@ -85,6 +114,8 @@ def interpolate(node: Any, where: str, substituted: list[tuple[str, str]] | None
     if not isinstance(node, str):
         return node
 
+    whole = _ENV_REF.fullmatch(node.strip()) is not None
+
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
         if name in os.environ:
@@ -96,7 +127,9 @@ def interpolate(node: Any, where: str, substituted: list[tuple[str, str]] | None
         else:
             return unset_marker(where, name)
         if substituted is not None:
-            substituted.append((where, value))
+            # A reference inside a longer value (a token in a URL's path) is a credential; one
+            # that is the whole value of a plain field (a host, a port, a URL) is a setting.
+            substituted.append((where if whole else where + "#part", value))
         return value
 
     return _ENV_REF.sub(sub, node)
@@ -138,6 +171,8 @@ def validate(model: type[_M], spec: dict[str, Any], where: str, **extra: Any) ->
         obj = model.model_validate({**spec, **extra})
     except ValidationError as e:
         raise ConfigError(describe(e, prefix=where + ".")) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
     check_no_unset(obj)
     return obj
 

@@ -45,7 +45,7 @@ def read_secret_file(file_name: str, name: str) -> str:
     try:
         return Path(file_name).read_text().strip()
     except OSError as e:
-        raise ConfigError(f"{name}_FILE: cannot read {file_name} ({e.strerror})") from None
+        raise ConfigError(f"{name}_FILE: cannot read the file it names ({e.strerror})") from None
 
 
 class Secret:

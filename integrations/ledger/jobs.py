@@ -131,7 +131,9 @@ _ADD_ATTEMPT = insert(attempts).values(
 )
 _MOVE_JOB = (
     update(jobs)
-    .where(jobs.c.id == bindparam("b_job_id"))
+    # Only the attempt the job is at: an outcome recorded late (kept aside while the ledger
+    # was away) never overwrites a newer attempt's.
+    .where(jobs.c.id == bindparam("b_job_id"), jobs.c.attempts == bindparam("b_number"))
     .values(
         status=bindparam("b_status"),
         status_code=bindparam("b_status_code"),
@@ -183,6 +185,17 @@ def release(claim: Claim) -> bool:
             )
         )
     return res.rowcount == 1
+
+
+def refused_fields(fields: dict[str, Any], e: BaseException) -> dict[str, Any]:
+    """An outcome the database refused (a value it cannot store), cut to what it can: the
+    status, the status code, and why the rest is missing."""
+    return {
+        **fields,
+        "error": f"the ledger refused this attempt's details ({type(e).__name__}); see the worker's log",
+        "response_excerpt": None,
+        "meta": None,
+    }
 
 
 def write_attempt(

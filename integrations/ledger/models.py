@@ -52,6 +52,19 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value
 
 
+class OuterText(TypeDecorator[str]):
+    """Text that came from outside (an upstream's answer or error, a sender's event type): a NUL,
+    which PostgreSQL refuses in text, is stored as U+FFFD instead of failing the write."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -79,8 +92,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     status_code: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float | None] = mapped_column(Float)
-    error: Mapped[str | None] = mapped_column(Text)
-    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(OuterText)
+    response_excerpt: Mapped[str | None] = mapped_column(OuterText)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -104,7 +117,7 @@ class BreakerEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     service: Mapped[str] = mapped_column(String(100))
     state: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(OuterText)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
@@ -118,8 +131,8 @@ class JobAttempt(Base):
     outcome: Mapped[str] = mapped_column(String(16))
     status_code: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float | None] = mapped_column(Float)
-    error: Mapped[str | None] = mapped_column(Text)
-    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(OuterText)
+    response_excerpt: Mapped[str | None] = mapped_column(OuterText)
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
@@ -135,7 +148,7 @@ class HealthCheck(Base):
     ok: Mapped[bool] = mapped_column(Boolean)
     status_code: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float | None] = mapped_column(Float)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(OuterText)
     checked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
@@ -180,7 +193,7 @@ class EventHandling(Base):
     handler: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16), default=HandlingStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(OuterText)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -196,9 +209,9 @@ class Endpoint(Base):
     secret: Mapped[str] = mapped_column(Text)
     #: Event-type patterns the endpoint subscribes to (``*`` wildcards).
     event_types: Mapped[list[str]] = mapped_column(JSON)
-    description: Mapped[str | None] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(OuterText)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    disabled_reason: Mapped[str | None] = mapped_column(OuterText)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     last_success_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     #: The first failure since the last success (or since it was enabled); None while healthy.
@@ -232,7 +245,7 @@ class Delivery(Base):
     #: When its try was last put on the queue: the dispatcher does not queue it again meanwhile.
     queued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
-    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(OuterText)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -248,8 +261,8 @@ class DeliveryAttempt(Base):
     ok: Mapped[bool] = mapped_column(Boolean)
     status_code: Mapped[int | None] = mapped_column(Integer)
     duration_ms: Mapped[float | None] = mapped_column(Float)
-    error: Mapped[str | None] = mapped_column(Text)
-    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(OuterText)
+    response_excerpt: Mapped[str | None] = mapped_column(OuterText)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from integrations import coordination
 from integrations.config import get_settings
 from integrations.ledger import jobs as ledger
+from integrations.ledger.db import unreachable
 from integrations.ledger.models import JobStatus
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,18 @@ def flush(job_id: str | None = None) -> int:
     for jid, raw in pending.items():
         claim, fields = _load(raw)
         try:
-            ledger.write_attempt(claim, **fields)
+            try:
+                ledger.write_attempt(claim, **fields)
+            except SQLAlchemyError as e:
+                if unreachable(e):
+                    raise
+                # Refused for what it holds, not for an outage: keep what the ledger takes.
+                ledger.write_attempt(claim, **ledger.refused_fields(fields, e))
         except SQLAlchemyError as e:
-            log.warning(
-                "ledger still unavailable (%s); %d outcomes kept aside", type(e).__name__, len(pending)
-            )
-            break
+            if unreachable(e):
+                log.warning("ledger unavailable (%s); %d outcomes kept aside", type(e).__name__, len(pending))
+                break
+            log.error("job %s: a kept-aside outcome the ledger refused (%s); dropped", jid, type(e).__name__)
         _forget(jid)
         done += 1
     if done:

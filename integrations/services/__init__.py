@@ -17,6 +17,7 @@ import functools
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from integrations import redact
 from integrations.config import Settings, get_settings
 from integrations.config.loading import entries, interpolate, read_file, services_settings_check, validate
 from integrations.errors import ConfigError
@@ -71,8 +72,12 @@ def load_services(path: Path, settings: Settings | None = None) -> dict[str, Ser
         values = interpolate(spec, where, substituted)
         svc = validate(cls, {**values, "kind": kind}, where, name=name)
         services_settings_check(settings, where, svc.retry.backoff_max, svc.retry.retry_after_max)
-        # A fixed header from the environment is a credential too.
-        svc._extra_secrets = tuple(v for w, v in substituted if w.startswith(f"{where}.headers."))
+        # What came from the environment into a header, or inside a longer value (a token in a
+        # URL's path), is a credential too: scrubbed from answers, masked in logs.
+        svc._extra_secrets = tuple(
+            v for w, v in substituted if w.startswith(f"{where}.headers.") or w.endswith("#part")
+        )
+        redact.register(*svc._extra_secrets)
         services[name] = svc
     return services
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 
 from integrations import http
-from integrations.auth import Auth, NoAuth
+from integrations.auth import Auth, NoAuth, sent_values
 from integrations.config import get_settings
 from integrations.config.schema import check_url
 from integrations.errors import CallError, ConfigError, PermanentError
@@ -73,7 +73,7 @@ class HttpService(Service):
         if err is not None:
             raise self.enrich(err, resp, excerpt, pause)
         return Outcome(
-            data=resp.data(),
+            data=resp.data_scrubbed(self.secret_values()),
             status_code=resp.status_code,
             latency_ms=resp.latency_ms,
             excerpt=excerpt,
@@ -111,6 +111,9 @@ class HttpService(Service):
         if pause is not None:
             err.pause = max(err.pause or 0.0, pause)
         return err
+
+    def secret_values(self) -> list[str]:
+        return [*super().secret_values(), *sent_values(self.auth)]
 
     def describe(self) -> str:
         return f"{self.kind}, {self.base_url}, auth {self.auth.type}"

@@ -191,7 +191,8 @@ def coerce(value: Any, schema: Mapping[str, Any]) -> Any:
 
 def _describe(e: ValidationError) -> str:
     """One problem, named by its place in the params and the rule, without the value."""
-    where = ".".join(str(p) for p in e.absolute_path)
+    # Keys come from the caller: named, but cut short.
+    where = ".".join(str(p)[:40] for p in e.absolute_path)
     rule: str = str(e.validator)
     expected: Any = e.validator_value
     if rule == "required":
@@ -199,7 +200,7 @@ def _describe(e: ValidationError) -> str:
         return "; ".join(f"{_join(where, name)}: required" for name in missing) or f"{where}: required"
     if rule == "additionalProperties":
         known = set((e.schema.get("properties") or {}).keys()) if isinstance(e.schema, dict) else set()
-        extra = [str(k)[:64] for k in e.instance if k not in known] if isinstance(e.instance, dict) else []
+        extra = [str(k)[:40] for k in e.instance if k not in known] if isinstance(e.instance, dict) else []
         return "; ".join(f"{_join(where, k)}: not a parameter of this operation" for k in extra)
     if rule == "type":
         kinds = expected if isinstance(expected, list) else [expected]

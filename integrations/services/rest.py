@@ -150,7 +150,7 @@ class RestOperation(Operation):
         clean = super().validate_params(params)
         for name in self.path_params:
             if _dot_segment(text(clean[name])):
-                raise InvalidParams(f"{name}: must not be '.' or '..' (a path parameter names one segment)")
+                raise InvalidParams(f"{name}: must not be or contain a '.' or '..' segment")
         for w in self.wires("headers"):
             if w.key in clean and any(c in text(clean[w.key]) for c in "\r\n\x00"):
                 raise InvalidParams(f"{w.key}: a header value must not contain line breaks")
@@ -175,9 +175,12 @@ def _check_wire(own: dict[str, Any], *, query: bool) -> None:
 
 
 def _dot_segment(value: str) -> bool:
-    """Whether ``value`` is ``.`` or ``..``, however often percent-encoded."""
+    """Whether ``value`` is, or holds between slashes, a ``.`` or ``..`` segment, however often
+    percent-encoded. The value is sent quoted whole (``%2F`` for ``/``), but a server or a proxy
+    in front of it (nginx, Go's ServeMux, IIS with backslashes) may decode it and then resolve
+    dot segments, leaving the base path."""
     for _ in range(4):
-        if value in (".", ".."):
+        if any(segment in (".", "..") for segment in re.split(r"[/\\]", value)):
             return True
         decoded = unquote(value)
         if decoded == value:

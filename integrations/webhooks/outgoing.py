@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from integrations import http, ssrf
+from integrations import http, redact, ssrf
 from integrations.auth import NoAuth
 from integrations.config import Settings, get_settings
 from integrations.config.schema import check_url
@@ -144,6 +144,9 @@ def attempt(delivery_id: str) -> str | None:
             base64.b64decode(claim.secret.removeprefix("whsec_")), claim.delivery_id, ts, body
         ),
     }
+    # The URL's path and query may be the endpoint's secret: keep them out of every log line.
+    parts = urlsplit(claim.url)
+    redact.register(parts.path.strip("/") if len(parts.path) > 8 else None, parts.query or None)
     req = http.Request("POST", claim.url, headers=headers, content=body, follow_redirects=False)
     t0 = time.perf_counter()
     code: int | None = None

@@ -27,11 +27,13 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from integrations.config import WebhookSource
-from integrations.errors import WebhookRefused
+from integrations.errors import ConfigError, WebhookRefused
 from integrations.ledger import events as ledger
+from integrations.ledger.db import unreachable
 from integrations.webhooks.verify import Delivery, verify
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,9 @@ def create_app(
         except WebhookRefused as e:
             log.info("webhook for %s refused: %s", source, e)
             return _answer(e.status, error=str(e))
+        except ConfigError:  # its secret is not set in the receiver's environment
+            log.error("webhook for %s not verified: its secret is not configured here", source)
+            return _answer(503, error="this source's secret is not configured; retry later")
         if delivery.reply is not None:
             return JSONResponse(delivery.reply)
         # Slack asks for 200 (https://api.slack.com/apis/events-api#responding); others get 202.
@@ -89,9 +94,15 @@ def create_app(
 def _store_and_queue(source: str, delivery: Delivery, publish: Publish, accepted: int) -> JSONResponse:
     try:
         event_id = ledger.store_event(source, delivery.delivery_id, delivery.event_type, delivery.payload)
-    except Exception as e:  # the ledger is down: the sender retries later
+    except SQLAlchemyError as e:
+        if not unreachable(e):  # refused for what it holds: retrying would not help
+            log.error("webhook for %s not stored: %s", source, type(e).__name__)
+            return _answer(400, error="the event could not be stored as sent")
         log.error("webhook for %s not stored: %s", source, type(e).__name__)
         return _answer(503, error="the ledger is unavailable; retry later")
+    except Exception as e:  # a bug of ours: 500, the sender retries, the log says why
+        log.error("webhook for %s not stored: %s", source, type(e).__name__, exc_info=True)
+        return _answer(500, error="the event could not be stored")
     if event_id is None:
         return _answer(200, status="duplicate")
     try:

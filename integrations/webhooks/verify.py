@@ -53,6 +53,8 @@ def verify(source: WebhookSource, headers: Mapping[str, str], body: bytes, now: 
     delivery = _VERIFIERS[source.type](source.secrets, headers, body, now)
     if len(delivery.delivery_id) > DELIVERY_ID_MAX:
         raise MalformedBody(f"delivery id is longer than {DELIVERY_ID_MAX} characters")
+    if not (delivery.delivery_id.isprintable() and delivery.event_type.isprintable()):
+        raise MalformedBody("delivery id or event type holds a control character")
     return delivery
 
 
@@ -83,13 +85,24 @@ def _timestamp(raw: str | None, now: float, header: str) -> int:
 
 def _json(body: bytes) -> Any:
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_constant=_not_a_number, parse_float=_finite)
     except RecursionError:
         raise MalformedBody(f"body is nested deeper than {JSON_DEPTH_MAX} levels") from None
     except ValueError:
         raise MalformedBody("body is not valid JSON") from None
     if _too_deep(value, JSON_DEPTH_MAX):
         raise MalformedBody(f"body is nested deeper than {JSON_DEPTH_MAX} levels")
+    return value
+
+
+def _not_a_number(name: str) -> float:
+    raise MalformedBody("body holds NaN or Infinity, which JSON does not allow")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise MalformedBody("body holds a number too large for JSON")
     return value
 
 
