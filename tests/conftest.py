@@ -7,10 +7,13 @@ here skips.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +26,8 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stub import Stub  # noqa: E402
+from private_ca import make_ca  # noqa: E402
+from stub import Stub, TlsStub  # noqa: E402
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 #: A second database of the same Redis, for workers that must not share the session worker's queue.
@@ -40,6 +44,12 @@ STD_SECRET_NEW = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 IMAP_PASSWORD = "imap-" + uuid.uuid4().hex
 
 STUB = Stub().start()
+# An HTTPS stub whose certificate only the tests' own CA vouches for (the ca_bundle: services).
+_TLS_DIR = Path(tempfile.mkdtemp(prefix="integrations-test-ca-"))
+atexit.register(shutil.rmtree, _TLS_DIR, ignore_errors=True)
+CA = make_ca(_TLS_DIR)
+TLS_STUB = TlsStub(CA.server_cert, CA.server_key)
+TLS_STUB.start()
 
 
 def most_in_window(times: list[float], window: float = 1.0) -> int:
@@ -81,8 +91,24 @@ os.environ.update(
     IMAP_PORT=str(free_port()),
     IMAP_PROXY_PORT=str(free_port()),  # a TcpProxy in front of it, for the mail_cut mailbox
     IMAP_PASSWORD=IMAP_PASSWORD,
+    # README claims (issue 10): the HTTPS stub and its CA; the port of the redirect-hop servers.
+    TLS_STUB_URL=TLS_STUB.url,
+    TLS_CA_FILE=str(CA.ca_cert),
+    HOP_PORT=str(free_port()),
 )
-for _name in ("VAR_DIR", "RESULT_BACKEND_FILE", "DATABASE_URL_FILE", "BROKER_URL_FILE"):
+# Settings read from files are set by the tests that need them; CLAIMS_NEVER_SET stays unset
+# (tests/services.yaml's ${CLAIMS_NEVER_SET:-default} falls back to its defaults).
+for _name in (
+    "VAR_DIR",
+    "RESULT_BACKEND_FILE",
+    "DATABASE_URL_FILE",
+    "BROKER_URL_FILE",
+    "COORDINATION_URL",
+    "FLOWER_PASSWORD_FILE",
+    "MIGRATE_WAIT",
+    "CLAIMS_NEVER_SET",
+    "CLAIMS_NEVER_SET_FILE",
+):
     os.environ.pop(_name, None)
 
 
@@ -119,6 +145,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def stub() -> Stub:
     return STUB
+
+
+@pytest.fixture(scope="session")
+def tls_stub() -> TlsStub:
+    return TLS_STUB
 
 
 @pytest.fixture(scope="session")
