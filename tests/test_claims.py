@@ -1,7 +1,9 @@
-"""README claims with no other home: the ledger's migrations and `integrations migrate`."""
+"""README claims with no other home: the ledger's migrations and `integrations migrate`, and
+settings read from files (``NAME_FILE``) by whole processes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -9,14 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from conftest import DATABASE_URL, free_port
-from procs import BIN, cli, env_with
+from celery import Celery
+from conftest import DATABASE_URL, REDIS_URL, SPARE_REDIS_URL, free_port
+from procs import BIN, cli, env_with, running, wait_for
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import URL, make_url
+from stub import Stub
 from tcp_proxy import TcpProxy
 
+from integrations.ledger import jobs as ledger
 from integrations.ledger.migrate import upgrade
 from integrations.ledger.models import Base
 
@@ -117,3 +123,49 @@ def test_migrate_against_a_port_nothing_listens_on_fails_in_one_line_after_the_b
         "(MIGRATE_WAIT): Connection refused"
     )
     assert 3 <= elapsed < 15, elapsed  # the bound, plus the interpreter's start
+
+
+# ------------------------------------------------------------------------------------------------
+# DATABASE_URL_FILE, BROKER_URL_FILE, RESULT_BACKEND_FILE
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_worker_and_a_submitter_given_only_the_file_forms_of_their_urls_work(
+    tmp_path: Path, stub: Stub, key: str
+) -> None:
+    # The broker on the spare Redis database (the session worker does not consume it); results
+    # in the test database of the same Redis, apart from the broker; the ledger on Postgres.
+    # Were a file ignored, its default would show: the filesystem broker (nothing would run the
+    # job), results beside the broker, the ledger in SQLite under VAR_DIR.
+    files = {"DATABASE_URL": DATABASE_URL, "BROKER_URL": SPARE_REDIS_URL, "RESULT_BACKEND": REDIS_URL}
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for name, value in files.items():
+        (secrets / name.lower()).write_text(value + "\n")
+    env = env_with(
+        **{name: None for name in (*files, "COORDINATION_URL")},
+        **{f"{name}_FILE": secrets / name.lower() for name in files},
+        VAR_DIR=tmp_path / "var",
+    )
+    redis.Redis.from_url(SPARE_REDIS_URL).flushdb()
+    cmd = [str(BIN / "celery"), "-A", "tasks", "worker", "-P", "threads", "-c", "2", "--loglevel=INFO"]
+    cmd += ["--hostname=files@%h", "--without-mingle", "--without-gossip"]
+    log = tmp_path / "worker.log"
+    with running(cmd, env, log):
+        wait_for(lambda: "ready." in log.read_text(), 60, "the worker to start", log)
+        spare = Celery(broker=SPARE_REDIS_URL)
+        try:
+            replies = spare.control.inspect(timeout=2).ping() or {}
+        finally:
+            spare.close()
+        assert any(name.startswith("files@") for name in replies), replies  # it consumes the spare
+
+        out = cli("call", "stub", "echo", f"key={key}", "--wait", "--timeout", "60", env=env, timeout=90)
+        assert out.returncode == 0, out.stderr + log.read_text()[-2000:]
+    result = json.loads(out.stdout)
+    assert result["status"] == "succeeded" and len(stub.hits_for(key)) == 1
+    job = ledger.get_job(result["job_id"])  # in the session's Postgres
+    assert job is not None and job["status"] == "succeeded"
+    assert redis.Redis.from_url(REDIS_URL).exists(f"celery-task-meta-{result['job_id']}")
+    assert not redis.Redis.from_url(SPARE_REDIS_URL).exists(f"celery-task-meta-{result['job_id']}")
+    assert not (tmp_path / "var" / "integrations.db").exists()
