@@ -549,3 +549,27 @@ def test_an_endpoint_that_could_never_be_delivered_to_is_refused_when_added(url:
     assert expected in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert SECRET not in out.stderr and "Traceback" not in out.stderr
     assert len(deliveries.list_endpoints()) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Secrets resolved where they are used
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_service_whose_token_this_process_lacks_fails_alone_naming_the_variable(
+    stub: Stub, key: str
+) -> None:
+    # tests/services.yaml's stub_no_token takes ${CLAIMS_NEVER_SET}, set in no test process: the
+    # worker, the receiver and Flower (started by other tests) load the file and run all the same.
+    assert "CLAIMS_NEVER_SET" not in os.environ
+    r = call_service.delay("stub_no_token", "echo", {"key": key})
+    with pytest.raises(PermanentError) as e:
+        r.get(timeout=20)
+    assert str(e.value) == (
+        "services.stub_no_token.auth.token: environment variable CLAIMS_NEVER_SET is not set "
+        "(nor CLAIMS_NEVER_SET_FILE)"
+    )
+    assert stub.hits_for(key) == []
+    job = ledger.get_job(r.id)
+    assert job is not None and (job["status"], job["attempts"]) == ("failed", 1)
+    assert call_service.delay("stub", "echo", {"key": key}).get(timeout=20)["status"] == "succeeded"
