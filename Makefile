@@ -39,11 +39,10 @@ worker: migrate
 beat: migrate
 	exec $(BIN)/celery -A tasks beat --loglevel=$${LOG_LEVEL:-INFO} --schedule=$${VAR_DIR:-var}/celerybeat-schedule
 
-# Flower on the real stack, behind basic auth; the password stays in the environment, not argv.
+# Flower on the real stack, behind basic auth (FLOWER_PASSWORD or FLOWER_PASSWORD_FILE); the
+# password reaches Flower through its environment, not argv. FLOWER_PORT, FLOWER_ADDRESS.
 flower: $(STAMP)
-	@test -n "$$FLOWER_PASSWORD" || { echo "make flower: set FLOWER_PASSWORD (and FLOWER_USER, default admin)" >&2; exit 2; }
-	FLOWER_BASIC_AUTH="$${FLOWER_USER:-admin}:$$FLOWER_PASSWORD" exec $(BIN)/celery -A tasks flower \
-	    --port=$${FLOWER_PORT:-5555} --address=$${FLOWER_ADDRESS:-127.0.0.1}
+	exec $(BIN)/integrations flower
 
 # What the tests run besides Python, as command:Debian package: their own redis-server (fault
 # tests), openssl (test certificates), Dovecot (IMAP tests, tests/imap_server.py). Installed

@@ -189,8 +189,9 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from integrations.ledger.migrate import upgrade
+    from integrations.ledger.migrate import upgrade, wait_for_database
 
+    wait_for_database()
     upgrade()
     print("ledger schema is up to date")
     return 0
@@ -374,7 +375,9 @@ def add_commands(sub: Any) -> None:
     sub.add_parser(
         "services", help="validate the services file and list services, webhook sources and mailboxes"
     ).set_defaults(func=cmd_services)
-    sub.add_parser("migrate", help="apply the ledger's migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser(
+        "migrate", help="apply the ledger's migrations (waiting up to MIGRATE_WAIT s for the database)"
+    ).set_defaults(func=cmd_migrate)
 
     ev = sub.add_parser("events", help="incoming events, newest first; with an id, its handlings")
     ev.add_argument("id", nargs="?")

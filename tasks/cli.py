@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -70,6 +71,27 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    """Run Flower behind basic auth: the password from FLOWER_PASSWORD or FLOWER_PASSWORD_FILE
+    goes to Flower through its environment (FLOWER_BASIC_AUTH), never through argv."""
+    from integrations.config import get_settings
+
+    s = get_settings()
+    password = s.flower_password.get_secret_value() if s.flower_password is not None else ""
+    if not password.strip():
+        raise IntegrationError(
+            "Flower needs a password: set FLOWER_PASSWORD or FLOWER_PASSWORD_FILE "
+            "(and FLOWER_USER, default admin)"
+        )
+    if "," in password or "," in s.flower_user or ":" in s.flower_user:
+        # Flower splits FLOWER_BASIC_AUTH into user:password pairs at commas.
+        raise IntegrationError("FLOWER_USER and FLOWER_PASSWORD must not contain ',' (nor the user ':')")
+    env = {**os.environ, "FLOWER_BASIC_AUTH": f"{s.flower_user}:{password}"}
+    argv = ["celery", "-A", "tasks", "flower", f"--port={args.port}", f"--address={args.address}"]
+    os.execve(sys.executable, [sys.executable, "-m", *argv], env)  # noqa: S606 (argv is ours)
+    return 0  # not reached: Flower runs in this process now
+
+
 def _wait_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the result and print it")
     p.add_argument("--timeout", type=cli.positive(float), default=60.0, help="seconds to wait with --wait")
@@ -103,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--http", action="store_true", help="Streamable HTTP on MCP_HOST:MCP_PORT (bearer tokens)")
     m.add_argument("--agent", help="stdio: the agent this server acts for (its tool set and rate limits)")
     m.set_defaults(func=cmd_mcp)
+
+    f = sub.add_parser("flower", help="Flower behind basic auth (FLOWER_USER, FLOWER_PASSWORD or _FILE)")
+    f.add_argument("--port", type=int, default=int(os.environ.get("FLOWER_PORT") or 5555))
+    f.add_argument("--address", default=os.environ.get("FLOWER_ADDRESS") or "127.0.0.1")
+    f.set_defaults(func=cmd_flower)
     return parser
 
 

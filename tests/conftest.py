@@ -27,8 +27,9 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from private_ca import make_ca  # noqa: E402
 from smtp_server import make_certs  # noqa: E402
-from stub import Stub  # noqa: E402
+from stub import Stub, TlsStub  # noqa: E402
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 #: A second database of the same Redis, for workers that must not share the session worker's queue.
@@ -60,6 +61,12 @@ SMTP_CERTS = make_certs(_SCRATCH)
 FILES_BASE = _SCRATCH / "files"
 
 STUB = Stub().start()
+# An HTTPS stub whose certificate only the tests' own CA vouches for (the ca_bundle: services).
+_TLS_DIR = Path(tempfile.mkdtemp(prefix="integrations-test-ca-"))
+atexit.register(shutil.rmtree, _TLS_DIR, ignore_errors=True)
+CA = make_ca(_TLS_DIR)
+TLS_STUB = TlsStub(CA.server_cert, CA.server_key)
+TLS_STUB.start()
 
 
 def most_in_window(times: list[float], window: float = 1.0) -> int:
@@ -124,8 +131,24 @@ os.environ.update(
     SMTP_PASSWORD=SMTP_PASSWORD,
     SMTP_CA_BUNDLE=str(SMTP_CERTS.ca),
     FILES_BASE=str(FILES_BASE),
+    # README claims (issue 10): the HTTPS stub and its CA; the port of the redirect-hop servers.
+    TLS_STUB_URL=TLS_STUB.url,
+    TLS_CA_FILE=str(CA.ca_cert),
+    HOP_PORT=str(free_port()),
 )
-for _name in ("VAR_DIR", "RESULT_BACKEND_FILE", "DATABASE_URL_FILE", "BROKER_URL_FILE"):
+# Settings read from files are set by the tests that need them; CLAIMS_NEVER_SET stays unset
+# (tests/services.yaml's ${CLAIMS_NEVER_SET:-default} falls back to its defaults).
+for _name in (
+    "VAR_DIR",
+    "RESULT_BACKEND_FILE",
+    "DATABASE_URL_FILE",
+    "BROKER_URL_FILE",
+    "COORDINATION_URL",
+    "FLOWER_PASSWORD_FILE",
+    "MIGRATE_WAIT",
+    "CLAIMS_NEVER_SET",
+    "CLAIMS_NEVER_SET_FILE",
+):
     os.environ.pop(_name, None)
 
 
@@ -162,6 +185,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def stub() -> Stub:
     return STUB
+
+
+@pytest.fixture(scope="session")
+def tls_stub() -> TlsStub:
+    return TLS_STUB
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -76,6 +78,25 @@ class Stub(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+class TlsStub(Stub):
+    """The same server over HTTPS, with ``cert`` and ``key`` (see tests/private_ca.py). The TLS
+    handshake runs in the request's own thread, so a client that refuses the certificate
+    holds nothing up; such a connection records no request."""
+
+    def __init__(self, cert: Path, key: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(cert, key)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.server_address[1]}"
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from stub import Reply, Stub
 
 from integrations.ledger import jobs as ledger
+from tasks import call_service
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -121,3 +122,25 @@ def test_a_ledger_never_migrated_says_what_to_run_on_sqlite_and_postgres(tmp_pat
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE {empty} WITH (FORCE)"))
         admin.dispose()
+
+
+def test_stats_prints_the_median_and_95th_percentile_of_the_jobs_latencies(stub: Stub, key: str) -> None:
+    # stub_stats is called by this test alone. Twenty answers, slowed by known delays (ms):
+    delays = [40] * 9 + [60, 200] + [250] * 7 + [700, 1600]
+    # Sorted, p50 lies halfway between the 10th and 11th (60 and 200): 130 ms; p95 at 18.05 of
+    # 0..19, a twentieth of the way from 700 to 1600: 745 ms (interpolated, "inclusive"). The
+    # mean (233.5), the 11th value (200), p90 (295) and the maximum (1600) are all elsewhere.
+    stub.plan(key, *[Reply(delay=ms / 1000) for ms in delays])
+    results = [call_service.delay("stub_stats", "echo", {"key": key}) for _ in delays]
+    assert [r.get(timeout=60)["status"] for r in results] == ["succeeded"] * len(delays)
+
+    out = cli("stats")
+    assert out.returncode == 0, out.stderr
+    header = out.stdout.splitlines()[0].split()
+    assert header == ["SERVICE", "OPERATION", "COUNT", "SUCCEEDED", "FAILED", "SUCCESS", "P50_MS", "P95_MS"]
+    row = next(line.split() for line in out.stdout.splitlines() if line.startswith("stub_stats "))
+    assert row[:6] == ["stub_stats", "echo", "20", "20", "0", "100%"]
+    p50, p95 = float(row[6]), float(row[7])
+    # Each latency is its delay plus the round trip on loopback (a few ms; 60 allowed).
+    assert 130 <= p50 <= 190, row
+    assert 745 <= p95 <= 805, row

@@ -214,3 +214,46 @@ def test_bad_webhook_settings_are_refused_at_start(
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
         load_settings()
+
+
+DEFAULTS = """
+services:
+  api:
+    base_url: ${T_BASE_URL:-https://api.example.com}
+    timeout: ${T_TIMEOUT:-7}
+    headers: {X-Region: "${T_REGION:-eu}", X-Empty: "${T_EMPTY:-}"}
+    auth: {type: bearer, token: "${T_TOKEN:-anonymous}"}
+    operations:
+      get: {method: GET, path: "/things/{id}"}
+"""
+
+
+def test_a_default_stands_in_for_an_unset_variable_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("T_BASE_URL", "T_TIMEOUT", "T_REGION", "T_EMPTY", "T_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name + "_FILE", raising=False)
+    api = load(tmp_path, DEFAULTS)["api"]
+    assert isinstance(api, HttpService) and isinstance(api.auth, BearerAuth)
+    assert (api.base_url, api.timeout, api.headers) == (
+        "https://api.example.com",
+        7.0,
+        {"X-Region": "eu", "X-Empty": ""},
+    )
+    assert api.auth.token.get() == "anonymous"
+
+    # Set, the variable wins, even when it is empty; VAR_FILE wins over the default too.
+    monkeypatch.setenv("T_BASE_URL", "https://eu.example.com")
+    monkeypatch.setenv("T_REGION", "")
+    (tmp_path / "tok").write_text(SECRET + "\n")
+    monkeypatch.setenv("T_TOKEN_FILE", str(tmp_path / "tok"))
+    api = load(tmp_path, DEFAULTS)["api"]
+    assert isinstance(api, HttpService) and isinstance(api.auth, BearerAuth)
+    assert (api.base_url, api.headers["X-Region"], api.auth.token.get()) == (
+        "https://eu.example.com",
+        "",
+        SECRET,
+    )
+    # A value from the environment in a header is a credential to mask; a default is not.
+    assert SECRET in api.secret_values() and "eu" not in api.secret_values()

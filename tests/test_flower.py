@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -68,3 +69,36 @@ def test_make_flower_refuses_to_start_without_a_password() -> None:
                          text=True, timeout=60)  # fmt: skip
     assert out.returncode != 0
     assert "set FLOWER_PASSWORD" in out.stderr
+
+
+def argv_of_group(pgid: int) -> list[str]:
+    """The command lines of every live process in process group ``pgid`` (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getpgid(int(proc.name)) == pgid:
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
+def test_make_flower_reads_the_password_from_flower_password_file(tmp_path: Path, key: str) -> None:
+    port = free_port()
+    password = "flower-file-" + key
+    secret = tmp_path / "flower_password"
+    secret.write_text(password + "\n")  # as written by `echo`: the newline is not part of it
+    env = env_with(FLOWER_USER="ops", FLOWER_PASSWORD=None, FLOWER_PASSWORD_FILE=secret, FLOWER_PORT=port)
+    log = tmp_path / "flower.log"
+    base = f"http://127.0.0.1:{port}"
+    with running(["make", "--no-print-directory", "flower"], env, log) as proc:
+        wait_for(lambda: requests.get(base + "/healthcheck", timeout=2).ok, 60, "Flower to listen", log)
+        assert requests.get(base + "/api/workers", timeout=10).status_code == 401
+        assert (
+            requests.get(base + "/api/workers", auth=("ops", password + "\n"), timeout=10).status_code == 401
+        )
+        assert requests.get(base + "/api/workers", auth=("ops", password), timeout=20).status_code == 200
+        commands = argv_of_group(proc.pid)
+        assert any("flower" in c for c in commands), commands
+        assert not any(password in c for c in commands)  # the password is in no process's argv
+    assert password not in log.read_text()

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+from typing import Any
 
 import pytest
 from conftest import TOKEN
-from stub import Reply, Stub
+from stub import Reply, Stub, TlsStub
 
 from integrations import http, ssrf
 from integrations.errors import PermanentError, RateLimited, TransientError
 from integrations.jobs import resolve
+from integrations.ledger import jobs as ledger
 from integrations.services import Attempt, get_services
 from integrations.services.http_service import HttpService
+from tasks import call_service
 
 
 def call(service: str, op: str, params: dict[str, object], max_bytes: int = 65536) -> http.Response:
@@ -114,3 +119,62 @@ def test_retry_after_as_http_date() -> None:
 
 def test_services_file_is_the_test_one() -> None:
     assert set(get_services()) >= {"stub", "stub_apikey", "stub_basic", "stub_limited", "guarded"}
+
+
+# ------------------------------------------------------------------------------------------------
+# README claims (issue 10): kind: github, ca_bundle:, headers:, ${VAR:-default}, through a worker
+# ------------------------------------------------------------------------------------------------
+
+
+def test_kind_github_sends_githubs_media_type_and_api_version(worker: Any, stub: Stub, key: str) -> None:
+    # https://docs.github.com/en/rest/about-the-rest-api/api-versions and
+    # https://docs.github.com/en/rest/using-the-rest-api/getting-started-with-the-rest-api#accept
+    out = call_service.delay("stub_github", "get_repo", {"owner": key, "repo": "app"}).get(timeout=20)
+    assert out["status"] == "succeeded" and out["data"]["path"] == f"/repos/{key}/app"
+    call_service.delay("stub", "echo", {"key": key}).get(timeout=20)
+    github, rest = stub.hits_for(key)
+    assert github.headers["accept"] == "application/vnd.github+json"
+    assert github.headers["x-github-api-version"] == "2022-11-28"
+    # A plain REST service sends neither.
+    assert rest.headers["accept"] == "*/*" and "x-github-api-version" not in rest.headers
+
+
+def test_ca_bundle_trusts_a_private_ca_that_nothing_else_trusts(
+    worker: Any, tls_stub: TlsStub, key: str
+) -> None:
+    with pytest.raises(TransientError, match=r"connection to 127\.0\.0\.1 failed \(TLS error\)"):
+        call_service.delay("stub_tls_untrusted", "echo", {"key": key}).get(timeout=20)
+    assert tls_stub.hits_for(key) == []  # refused at the handshake: no request was sent
+
+    out = call_service.delay("stub_tls", "echo", {"key": key}).get(timeout=20)
+    assert out["status"] == "succeeded" and out["data"]["path"] == f"/echo/{key}"
+    assert len(tls_stub.hits_for(key)) == 1
+
+
+def test_headers_go_with_every_request_and_one_from_the_environment_is_kept_out_of_the_ledger(
+    worker: Any, stub: Stub, key: str
+) -> None:
+    # stub_headerkey: headers: {X-Tenant-Token: "tenant-${STUB_TOKEN}", X-Plain: plain}; the
+    # stub echoes nothing of the headers, so answer with them as a leaky upstream would.
+    stub.plan(key, Reply(body={"seen": f"X-Tenant-Token: tenant-{TOKEN}"}))
+    out = call_service.delay("stub_headerkey", "echo", {"key": key}).get(timeout=20)
+    (hit,) = stub.hits_for(key)
+    assert hit.headers["x-plain"] == "plain"
+    assert hit.headers["x-tenant-token"] == f"tenant-{TOKEN}"
+    assert hit.headers["user-agent"] == http.USER_AGENT
+    job = ledger.get_job(out["job_id"])
+    assert job is not None and TOKEN not in json.dumps(job, default=str) and TOKEN not in json.dumps(out)
+
+
+def test_a_default_in_the_services_file_stands_where_its_variable_is_unset(
+    worker: Any, stub: Stub, key: str
+) -> None:
+    # stub_defaults: base_url ${STUB_URL:-http://127.0.0.1:1} (set: the stub, not the default),
+    # X-Default: ${CLAIMS_NEVER_SET:-fallback} and timeout: ${CLAIMS_NEVER_SET:-3} (unset).
+    assert "CLAIMS_NEVER_SET" not in os.environ
+    svc = get_services()["stub_defaults"]
+    assert isinstance(svc, HttpService) and svc.base_url == stub.url and svc.timeout == 3.0
+    out = call_service.delay("stub_defaults", "echo", {"key": key}).get(timeout=20)
+    assert out["status"] == "succeeded"
+    (hit,) = stub.hits_for(key)
+    assert hit.headers["x-default"] == "fallback"

@@ -449,3 +449,58 @@ def test_a_worker_killed_between_polls_repeats_nothing(imap: ImapServer, tmp_pat
     assert subjects("mail_restart") == ["after 0", "after 1", "before 0", "before 1", "before 2"]
     assert get_cursor("mail_restart") == (imap.uidvalidity("Restart"), 5)
     assert all(IMAP_PASSWORD not in log.read_text() for log in logs)
+
+
+# ------------------------------------------------------------------------------------------------
+# README claims (issue 10): what one poll reads at most
+# ------------------------------------------------------------------------------------------------
+
+
+def append_all(imap: ImapServer, folder: str, messages: list[bytes]) -> None:
+    """Append ``messages`` to a new ``folder`` over one session."""
+    with imap.client() as c:
+        c.create_folder(folder)
+        for m in messages:
+            c.append(folder, m)
+
+
+def test_a_poll_takes_at_most_100_messages_and_the_next_poll_the_rest(imap: ImapServer) -> None:
+    append_all(imap, "Batch", [message(f"b{i:03}") for i in range(105)])
+    first = poll("mail_batch", timeout=60)
+    assert first.result == {"skipped": False, "fetched": 100, "dispatched": 100, "duplicates": 0}
+    assert get_cursor("mail_batch") == (imap.uidvalidity("Batch"), 100)
+    assert len(emails("mail_batch")) == 100
+
+    second = poll("mail_batch")
+    assert second.result == {"skipped": False, "fetched": 5, "dispatched": 5, "duplicates": 0}
+    assert get_cursor("mail_batch") == (imap.uidvalidity("Batch"), 105)
+    assert subjects("mail_batch") == [f"b{i:03}" for i in range(105)]
+
+
+def sized_message(subject: str, size: int) -> bytes:
+    """A plain-text message of exactly ``size`` bytes as IMAP counts them (CRLF lines)."""
+    head = (
+        f"From: Ada <ada@example.com>\r\nTo: agent@example.com\r\nSubject: {subject}\r\n"
+        f"Date: Mon, 23 Nov 2026 09:00:00 +0000\r\nMessage-ID: {make_msgid(domain='example.com')}\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+    ).encode()
+    line = b"x" * 98 + b"\r\n"
+    left = size - len(head)
+    return head + line * (left // len(line)) + b"y" * (left % len(line))
+
+
+def test_a_poll_reads_at_most_50_mib_and_the_next_poll_the_rest(imap: ImapServer) -> None:
+    mib = 1024 * 1024
+    append_all(imap, "Bytes", [sized_message(f"big {i}", 10 * mib) for i in range(6)])
+    with imap.client() as c:
+        c.select_folder("Bytes", readonly=True)
+        sizes = [d[b"RFC822.SIZE"] for d in c.fetch(c.search("ALL"), ["RFC822.SIZE"]).values()]
+    assert sizes == [10 * mib] * 6  # 60 MiB waiting
+
+    first = poll("mail_bytes", timeout=120)
+    assert first.result == {"skipped": False, "fetched": 5, "dispatched": 5, "duplicates": 0}  # 50 MiB
+    assert get_cursor("mail_bytes") == (imap.uidvalidity("Bytes"), 5)
+    second = poll("mail_bytes", timeout=120)
+    assert second.result == {"skipped": False, "fetched": 1, "dispatched": 1, "duplicates": 0}
+    assert subjects("mail_bytes") == [f"big {i}" for i in range(6)]
+    assert all(e["truncated"] and len(e["text"]) == inbox.TEXT_MAX_CHARS for e in emails("mail_bytes"))

@@ -3,18 +3,23 @@ health checks, and replay of failed jobs."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
 from typing import Any
 
 import pytest
 from conftest import most_in_window
 from procs import cli
+from sqlalchemy import func, select
 from stub import Reply, Stub
 
-from integrations import breaker
-from integrations.errors import InvalidParams, PermanentError, TransientError
+from integrations import breaker, coordination
+from integrations.errors import InvalidParams, PermanentError, RateLimited, TransientError
 from integrations.ledger import jobs as ledger
+from integrations.ledger.db import get_engine
+from integrations.ledger.models import HealthCheck as HealthCheckRow
 from tasks import call_service, dispatch_deferred, health_check
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -182,3 +187,73 @@ def test_the_limiter_plans_its_grants_so_late_calls_still_keep_to_the_limit(
     assert (round(plan.per_second, 3), plan.burst) == (round(granted[0], 3), granted[1])
     # Calls up to `late` after their grant: at most floor((1 + late) * r') + b' in a second.
     assert int((1 + late) * plan.per_second) + plan.burst <= int(burst + rate)
+
+
+# ------------------------------------------------------------------------------------------------
+# README claims (issue 10)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_spent_rate_limit_budget_holds_every_call_to_the_service_until_the_reset(
+    stub: Stub, key: str
+) -> None:
+    # GitHub's headers: x-ratelimit-remaining, and x-ratelimit-reset in UTC epoch seconds
+    # (https://docs.github.com/en/rest/using-the-rest-api/rate-limits-for-the-rest-api).
+    reset = math.ceil(time.time()) + 3
+    spent = {"x-ratelimit-limit": "60", "x-ratelimit-remaining": "0", "x-ratelimit-reset": str(reset)}
+    stub.plan(key, Reply(headers=spent))
+    first = call_service.delay("stub_paused", "echo", {"key": key}).get(timeout=20)
+    assert first["status"] == "succeeded"  # the call that spent the budget still succeeded
+    # The pause is in the shared Redis, where every worker's gate reads it.
+    assert 1.5 < coordination.paused_for("stub_paused") <= reset - time.time() + 0.1
+
+    others = [call_service.delay("stub_paused", "echo", {"key": key}) for _ in range(4)]
+    for r in others:
+        assert r.get(timeout=30)["status"] == "succeeded"
+    hits = stub.hits_for(key)
+    assert len(hits) == 5
+    assert all(h.at >= reset - 0.05 for h in hits[1:]), [round(h.at - reset, 2) for h in hits]
+    # Held, not failed: no attempt was charged for the wait.
+    assert [ledger.get_job(r.id)["attempts"] for r in others] == [1] * 4  # type: ignore[index]
+
+
+def test_health_checks_are_skipped_while_the_service_is_paused(stub: Stub, key: str) -> None:
+    # A job's 429 with Retry-After pauses the service; its health check must not spend a call.
+    probe = "health-op"
+    stub.plan(key, Reply(status=429, headers={"Retry-After": "3"}))
+    job = call_service.delay("stub_health_op", "echo", {"key": key})
+    deadline = time.monotonic() + 10
+    while coordination.paused_for("stub_health_op") <= 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert coordination.paused_for("stub_health_op") > 1
+    hits_before, checks_before = len(stub.hits_for(probe)), health_check_count("stub_health_op")
+
+    assert health_check.apply(("stub_health_op",)).get() is None
+    assert len(stub.hits_for(probe)) == hits_before
+    assert health_check_count("stub_health_op") == checks_before
+
+    # Once the pause is over, the job goes through and the check runs again.
+    assert job.get(timeout=30)["status"] == "succeeded"
+    assert health_check.apply(("stub_health_op",)).get() is True
+    assert len(stub.hits_for(probe)) == hits_before + 1
+    assert health_check_count("stub_health_op") == checks_before + 1
+
+
+def health_check_count(service: str) -> int:
+    with get_engine().connect() as conn:
+        q = select(func.count()).select_from(HealthCheckRow).where(HealthCheckRow.service == service)
+        return int(conn.execute(q).scalar_one())
+
+
+def test_rate_limited_reaches_the_caller_once_the_retries_are_spent(stub: Stub, key: str) -> None:
+    # stub_paused: max_retries 3, so four 429s in a row fail the job.
+    stub.plan(key, *[Reply(status=429, headers={"Retry-After": "1"})] * 4)
+    r = call_service.delay("stub_paused", "echo", {"key": key})
+    with pytest.raises(RateLimited, match="HTTP 429") as e:
+        r.get(timeout=60)
+    assert type(e.value) is RateLimited
+    hits = stub.hits_for(key)
+    assert len(hits) == 4
+    assert all(b.at - a.at >= 0.95 for a, b in itertools.pairwise(hits))  # each Retry-After obeyed
+    job = ledger.get_job(r.id)
+    assert job is not None and (job["status"], job["attempts"], job["status_code"]) == ("failed", 4, 429)

@@ -13,12 +13,13 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import re
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -123,6 +124,75 @@ def test_localhost_is_another_origin_than_127_0_0_1(stub: Stub, key: str) -> Non
     with pytest.raises(PermanentError, match="another origin"):
         call_service.delay("stub_headerkey", "echo", {"key": key}).get(timeout=20)
     assert stub.hits_for(key + "-2") == []
+
+
+@pytest.fixture(scope="module")
+def hop_servers() -> Iterator[tuple[Stub, Stub]]:
+    """``stub_hop``'s servers on the same port: the one it may reach (127.0.0.2) and one on
+    loopback (127.0.0.1) that its requests must never reach."""
+    port = int(os.environ["HOP_PORT"])
+    allowed, loopback = Stub(host="127.0.0.2", port=port).start(), Stub(host="127.0.0.1", port=port).start()
+    yield allowed, loopback
+    allowed.stop()
+    loopback.stop()
+
+
+def resolve_hop_test(monkeypatch: pytest.MonkeyPatch, answer: Callable[[], str]) -> None:
+    """Make the name ``hop.test`` resolve to ``answer()`` at each lookup, in this process (and
+    so in the session worker's threads)."""
+    real = socket.getaddrinfo
+
+    def lookup(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return real(answer() if host == "hop.test" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+
+
+# The redirect answers close the connection, so the next hop opens (and judges) a new one.
+def moved(key: str) -> Reply:
+    return Reply(status=307, headers={"Location": f"/echo/{key}/moved", "Connection": "close"})
+
+
+def test_a_guarded_service_follows_a_redirect_within_its_origin_to_an_allowed_address(
+    monkeypatch: pytest.MonkeyPatch, hop_servers: tuple[Stub, Stub], key: str
+) -> None:
+    allowed, loopback = hop_servers
+    resolve_hop_test(monkeypatch, lambda: "127.0.0.2")
+    allowed.plan(key, moved(key))
+    out = call_service.delay("stub_hop", "echo", {"key": key}).get(timeout=20)
+    assert out["status"] == "succeeded" and out["data"]["path"] == f"/echo/{key}/moved"
+    assert [h.path for h in allowed.hits_for(key)] == [f"/echo/{key}", f"/echo/{key}/moved"]
+    assert loopback.hits_for(key) == []
+
+
+def test_the_guard_judges_each_redirect_hop_and_refuses_one_that_resolves_to_loopback(
+    monkeypatch: pytest.MonkeyPatch, hop_servers: tuple[Stub, Stub], key: str
+) -> None:
+    # Same origin, so the redirect is followed; but by the second hop hop.test resolves to
+    # 127.0.0.1, which the service may not reach: refused before anything is sent there.
+    allowed, loopback = hop_servers
+    resolve_hop_test(monkeypatch, lambda: "127.0.0.1" if allowed.hits_for(key) else "127.0.0.2")
+    allowed.plan(key, moved(key))
+    r = call_service.delay("stub_hop", "echo", {"key": key})
+    with pytest.raises(ssrf.BlockedAddress, match=r"hop\.test: it resolves to a non-public address"):
+        r.get(timeout=20)
+    assert [h.path for h in allowed.hits_for(key)] == [f"/echo/{key}"]
+    assert loopback.hits_for(key) == []
+    job = ledger.get_job(r.id)
+    assert job is not None and (job["status"], job["attempts"]) == ("failed", 1)
+
+
+@pytest.mark.parametrize("target", ["http://127.0.0.1:{port}", "http://[::ffff:127.0.0.1]:{port}"])
+def test_a_redirect_to_a_private_address_is_refused_and_never_reached(
+    monkeypatch: pytest.MonkeyPatch, hop_servers: tuple[Stub, Stub], key: str, target: str
+) -> None:
+    allowed, loopback = hop_servers
+    resolve_hop_test(monkeypatch, lambda: "127.0.0.2")
+    location = target.format(port=loopback.server_address[1]) + f"/echo/{key}"
+    allowed.plan(key, Reply(status=302, headers={"Location": location}))
+    with pytest.raises(PermanentError, match="redirected to another origin"):
+        call_service.delay("stub_hop", "echo", {"key": key}).get(timeout=20)
+    assert len(allowed.hits_for(key)) == 1 and loopback.hits_for(key) == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -702,3 +772,26 @@ def test_a_malformed_redirect_is_a_permanent_error_not_an_internal_one(stub: Stu
     for k in (key, key + "b"):
         with pytest.raises(PermanentError, match="redirect"):
             call_service.delay("stub", "echo", {"key": k}).get(timeout=20)
+
+
+# Secrets resolved where they are used
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_service_whose_token_this_process_lacks_fails_alone_naming_the_variable(
+    stub: Stub, key: str
+) -> None:
+    # tests/services.yaml's stub_no_token takes ${CLAIMS_NEVER_SET}, set in no test process: the
+    # worker, the receiver and Flower (started by other tests) load the file and run all the same.
+    assert "CLAIMS_NEVER_SET" not in os.environ
+    r = call_service.delay("stub_no_token", "echo", {"key": key})
+    with pytest.raises(PermanentError) as e:
+        r.get(timeout=20)
+    assert str(e.value) == (
+        "services.stub_no_token.auth.token: environment variable CLAIMS_NEVER_SET is not set "
+        "(nor CLAIMS_NEVER_SET_FILE)"
+    )
+    assert stub.hits_for(key) == []
+    job = ledger.get_job(r.id)
+    assert job is not None and (job["status"], job["attempts"]) == ("failed", 1)
+    assert call_service.delay("stub", "echo", {"key": key}).get(timeout=20)["status"] == "succeeded"

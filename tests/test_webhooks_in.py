@@ -10,13 +10,16 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import procs
 import pytest
 import redis
 import requests
@@ -24,8 +27,11 @@ from asgi_server import serve
 from celery import Celery
 from conftest import GH_SECRET, REDIS_URL, STD_SECRET_NEW, STD_SECRET_OLD, TOKEN, free_port
 from handlers_for_tests import release_key, runs_key
+from procs import BIN, env_with, running
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import make_url
 from standardwebhooks.webhooks import Webhook
+from tcp_proxy import TcpProxy
 
 from integrations.config import get_settings, get_webhooks
 from integrations.ledger import events as ledger
@@ -510,3 +516,56 @@ def test_a_handling_requeued_by_the_sweeper_still_stops_after_its_tries() -> Non
     time.sleep(1.5)  # a retry, were there one, would have run by now (backoff 1 s)
     assert handlings(event_id)["flaky"]["attempts"] == 4
     assert runs("flaky", event_id) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# README claims (issue 10): /healthz, and 503 while the ledger is away
+# ------------------------------------------------------------------------------------------------
+
+
+def test_healthz_answers_ok_without_authentication(receiver: str) -> None:
+    r = requests.get(f"{receiver}/healthz", timeout=10)
+    assert (r.status_code, r.json()) == (200, {"status": "ok"})
+    assert requests.post(f"{receiver}/healthz", timeout=10).status_code == 405
+
+
+def delivery_count(delivery_id: str) -> int:
+    with get_engine().connect() as conn:
+        q = select(func.count()).select_from(Event).where(Event.delivery_id == delivery_id)
+        return int(conn.execute(q).scalar_one())
+
+
+def test_with_the_ledger_unreachable_the_receiver_answers_503_and_stores_nothing(tmp_path: Path) -> None:
+    # `integrations receiver` in a process of its own, its ledger behind a proxy the test cuts.
+    db = make_url(os.environ["DATABASE_URL"])
+    assert db.host and db.port
+    with TcpProxy((db.host, db.port)) as proxy:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = env_with(
+            DATABASE_URL=db.set(port=proxy.port).render_as_string(hide_password=False), RECEIVER_PORT=port
+        )
+        log = tmp_path / "receiver.log"
+        with running([str(BIN / "integrations"), "receiver"], env, log):
+            procs.wait_for(lambda: requests.get(f"{url}/healthz", timeout=2).ok, 60, "the receiver", log)
+            assert github_post(url, {"ref": "a"}, event="push").status_code == 202  # a pooled connection
+
+            proxy.cut()  # the open connection drops, new ones are refused
+            delivery = str(uuid.uuid4())
+            for _ in range(2):
+                r = github_post(url, {"ref": "b"}, event="push", delivery=delivery)
+                assert (r.status_code, r.json()) == (503, {"error": "the ledger is unavailable; retry later"})
+            assert requests.get(f"{url}/healthz", timeout=10).status_code == 200  # alive, though
+            assert delivery_count(delivery) == 0
+
+            # The sender retries once the ledger is back: stored now, so it was not before.
+            proxy.restore()
+
+            def sender_retries() -> requests.Response | None:
+                answer = github_post(url, {"ref": "b"}, event="push", delivery=delivery)
+                return None if answer.status_code == 503 else answer
+
+            r = procs.wait_for(sender_retries, 30, "the receiver to reach the ledger again", log)
+            assert r.status_code == 202 and r.json()["status"] == "accepted"
+    assert delivery_count(delivery) == 1
+    assert GH_SECRET not in log.read_text()

@@ -20,7 +20,8 @@ from stub import Hit, Reply, Stub
 
 from integrations.ledger import deliveries as ledger
 from integrations.ledger.db import get_engine
-from integrations.ledger.models import Endpoint
+from integrations.ledger.models import Delivery, Endpoint
+from integrations.webhooks import outgoing
 from tasks import dispatch_deliveries, publish_now, publish_webhook
 from tasks.cli import main as cli
 
@@ -270,3 +271,39 @@ def test_the_broker_carries_ids_never_a_secret(
     wait_for(settled(delivery_id))
     assert any(m["task"] == "integrations.deliver_webhook" for m in published)
     assert secret not in json.dumps([m["body"] for m in published], default=str)
+
+
+def test_a_queued_try_no_worker_took_is_queued_again_once_a_minute_has_passed(
+    stub: Stub, key: str, capsys: pytest.CaptureFixture[str], published: list[dict[str, Any]]
+) -> None:
+    add_endpoint(f"{stub.url}/echo/{key}", f"{key}.*", capsys)
+    # The library's publish stores the delivery as queued at once; its message is lost here
+    # (never sent), as when a broker loses it or every worker is far behind.
+    [delivery_id] = outgoing.publish(f"{key}.created", {"n": 1})
+
+    def queued_by_beat() -> int:
+        """Run beat's dispatcher once; how many times it queued this delivery."""
+        published.clear()
+        dispatch_deliveries()
+        mine = [m for m in published if m["task"] == "integrations.deliver_webhook"]
+        return sum(list(m["body"][0]) == [delivery_id] for m in mine)
+
+    def queued_ago(seconds: float) -> None:
+        with get_engine().begin() as conn:
+            conn.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery_id)
+                .values(queued_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds))
+            )
+
+    assert queued_by_beat() == 0  # queued just now: not again
+    queued_ago(50)
+    assert queued_by_beat() == 0  # within the minute: not again
+    assert stub.hits_for(key) == []
+    queued_ago(61)
+    assert queued_by_beat() == 1  # a minute without a worker taking it: queued again, once
+    assert queued_by_beat() == 0
+    wait_for(settled(delivery_id))
+    assert (delivery(delivery_id)["status"], delivery(delivery_id)["attempts"]) == ("succeeded", 1)
+    [hit] = stub.hits_for(key)
+    assert hit.headers["webhook-id"] == delivery_id

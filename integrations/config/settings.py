@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     #: How long a worker keeps retrying a ledger write, with backoff, while the database is
     #: unreachable, so no outcome of a call already made is lost to a database restart.
     ledger_retry_for: float = Field(300, ge=0)
+    #: How long ``integrations migrate`` waits for the database to accept connections (a
+    #: container started beside it, a restart) before it fails.
+    migrate_wait: float = Field(60, ge=0, le=3600)
 
     #: The level every process logs at (``make run``, worker, beat, receiver).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
