@@ -232,14 +232,20 @@ def send(service: Peer, req: Request, max_bytes: int) -> Response:
 def classify(resp: Response, retry_after_max: float) -> CallError | None:
     """The error an HTTP response stands for, or ``None`` for 2xx.
 
-    408 and 5xx are transient; 429 and 503 are :class:`RateLimited` with the server's
-    ``Retry-After`` (capped at ``retry_after_max``); every other status is permanent.
+    408 and 5xx are transient; 429 and 503, and a 403 whose headers say a rate limit was hit,
+    are :class:`RateLimited` with the server's ``Retry-After`` (capped at ``retry_after_max``);
+    every other status is permanent.
     """
     code = resp.status_code
     if 200 <= code < 300:
         return None
     what = f"HTTP {code} {resp.reason}".strip()
-    if code in (429, 503):
+    # GitHub answers its primary and secondary rate limits with 403 too, saying so in its
+    # headers: https://docs.github.com/en/rest/using-the-rest-api/rate-limits-for-the-rest-api
+    spent = code == 403 and (
+        "retry-after" in resp.headers or resp.headers.get("x-ratelimit-remaining", "").strip() == "0"
+    )
+    if code in (429, 503) or spent:
         delay = parse_retry_after(resp.headers.get("retry-after"))
         if delay is not None:
             delay = min(delay, retry_after_max)

@@ -15,6 +15,7 @@ from integrations.errors import InvalidParams, PermanentError, SubmitError, Unkn
 from integrations.ledger.jobs import Claim
 from integrations.ledger.models import JobStatus
 from integrations.services import Attempt, Operation, Outcome, Service, get_services
+from integrations.services.params import has_dropped
 
 #: ``publish(service, job_id, agent)`` puts a job's message on the broker.
 Publish = Callable[[str, str, str | None], None]
@@ -134,6 +135,8 @@ def replay(job_id: str, publish: Publish) -> str:
         raise SubmitError(f"no job with id {job_id}")
     if old["status"] != JobStatus.FAILED:
         raise SubmitError(f"job {job_id} is {old['status']}; only failed jobs are replayed")
+    if has_dropped(old["params"]):
+        raise SubmitError(f"job {job_id} carried content the ledger does not keep; submit it anew")
     new_id, _ = enqueue(
         old["service"], old["operation"], old["params"], None, publish, agent=old["agent"], replay_of=job_id
     )

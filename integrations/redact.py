@@ -27,8 +27,9 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 MASK = "[REDACTED]"
-#: Shorter values are not registered: masking every "abc" in a log would say nothing.
-MIN_LENGTH = 4
+#: Shorter values are not registered: masking every "test" or "5432" in a log would say
+#: nothing, and scrub answers of what is not a secret.
+MIN_LENGTH = 6
 
 #: Query parameters and fields that carry a credential whatever their value.
 _CREDENTIAL_NAMES = (

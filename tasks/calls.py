@@ -26,8 +26,9 @@ from integrations.errors import CallError, PermanentError, RateLimited, Transien
 from integrations.ledger import jobs as ledger
 from integrations.ledger import spool
 from integrations.ledger.db import unreachable
-from integrations.ledger.models import JobStatus, utcnow
+from integrations.ledger.models import TERMINAL, JobStatus, utcnow
 from integrations.services import Outcome, Service, get_services
+from integrations.services.params import drop_write_only
 from integrations.ssrf import BlockedAddress
 from tasks.celeryapp import app
 from tasks.celeryapp import call_task_name as task_name
@@ -214,6 +215,8 @@ def _record(claim: ledger.Claim, **fields: Any) -> None:
     sweeper re-run would call it again."""
     try:
         ledger.record_attempt(claim, **fields)
+        if fields["status"] in TERMINAL:
+            _drop_content(claim)
     except (SoftTimeLimitExceeded, SQLAlchemyError) as e:
         if isinstance(e, SQLAlchemyError) and not unreachable(e):
             # A value the database will not store: record the outcome without it, never leave
@@ -227,6 +230,17 @@ def _record(claim: ledger.Claim, **fields: Any) -> None:
             type(e).__name__,
             claim.job_id,
         )
+
+
+def _drop_content(claim: ledger.Claim) -> None:
+    """A settled job keeps what it was asked, not what it carried: params its operation marks
+    ``writeOnly`` (a message's body, a file's content) become their digest."""
+    svc = get_services().get(claim.service)
+    op = svc.operation(claim.operation) if svc is not None else None
+    if op is not None:
+        params, dropped = drop_write_only(claim.params, op.parameters)
+        if dropped:
+            ledger.keep_params(claim.job_id, params)
 
 
 def _gate(task: Task, svc: Service, job_id: str, slot: int | None, agent: str | None) -> float | None:

@@ -182,7 +182,10 @@ def test_webhook_sources_and_mailboxes_load(tmp_path: Path, monkeypatch: pytest.
         ),
         (("interval: 5", "interval: 0"), "mailboxes.local.interval"),
         # An empty key would let anyone sign: ${OLD:-} left empty after a rotation, say.
-        (('-old"}', '-old", secret: " "}'), "webhooks.github.secret: must not be empty"),
+        (
+            ('secret: "${T_GH_WEBHOOK}", previous', 'secret: " ", previous'),
+            "webhooks.github.secret: must not be empty",
+        ),
         (('"${T_GH_WEBHOOK}-old"', '""'), "webhooks.github.previous_secret: must not be empty"),
         (("billing:", "b" * 64 + ":"), "names are lower-case letters, digits and '_', at most 63"),
     ],

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 import pytest
-from conftest import TOKEN
+from conftest import HEADER_TOKEN, TOKEN
 from stub import Reply, Stub, TlsStub
 
 from integrations import http, ssrf
@@ -37,9 +37,9 @@ def test_bearer_token_path_and_query_reach_the_server(stub: Stub, key: str) -> N
 
 
 def test_path_values_are_quoted_whole(stub: Stub, key: str) -> None:
-    call("stub", "echo", {"key": key + "/../admin"})
-    (hit,) = stub.hits_for(key + "%2F..%2Fadmin")
-    assert hit.path == f"/echo/{key}%2F..%2Fadmin"
+    call("stub", "echo", {"key": key + "/admin?x=1#y"})
+    (hit,) = stub.hits_for(key + "%2Fadmin%3Fx%3D1%23y")
+    assert hit.path == f"/echo/{key}%2Fadmin%3Fx%3D1%23y"
 
 
 def test_api_key_in_query_and_basic_auth(stub: Stub, key: str) -> None:
@@ -96,6 +96,10 @@ def test_guard_refuses_loopback_private_and_link_local(stub: Stub, key: str) -> 
         (429, {"retry-after": "7"}, RateLimited, 7.0),
         (503, {"retry-after": "9999"}, RateLimited, 300.0),
         (429, {}, RateLimited, None),
+        # GitHub's rate limits, primary and secondary, may come as 403.
+        (403, {"x-ratelimit-remaining": "0"}, RateLimited, None),
+        (403, {"retry-after": "60"}, RateLimited, 60.0),
+        (403, {"x-ratelimit-remaining": "12"}, PermanentError, None),
     ],
 )
 def test_classification(
@@ -154,16 +158,17 @@ def test_ca_bundle_trusts_a_private_ca_that_nothing_else_trusts(
 def test_headers_go_with_every_request_and_one_from_the_environment_is_kept_out_of_the_ledger(
     worker: Any, stub: Stub, key: str
 ) -> None:
-    # stub_headerkey: headers: {X-Tenant-Token: "tenant-${STUB_TOKEN}", X-Plain: plain}; the
-    # stub echoes nothing of the headers, so answer with them as a leaky upstream would.
-    stub.plan(key, Reply(body={"seen": f"X-Tenant-Token: tenant-{TOKEN}"}))
+    # stub_headerkey: headers: {X-Tenant-Token: "${HEADER_TOKEN}", X-Plain: plain}; the stub
+    # echoes nothing of the headers, so answer with them as a leaky upstream would.
+    stub.plan(key, Reply(body={"seen": f"X-Tenant-Token: {HEADER_TOKEN}"}))
     out = call_service.delay("stub_headerkey", "echo", {"key": key}).get(timeout=20)
     (hit,) = stub.hits_for(key)
     assert hit.headers["x-plain"] == "plain"
-    assert hit.headers["x-tenant-token"] == f"tenant-{TOKEN}"
+    assert hit.headers["x-tenant-token"] == HEADER_TOKEN
     assert hit.headers["user-agent"] == http.USER_AGENT
     job = ledger.get_job(out["job_id"])
-    assert job is not None and TOKEN not in json.dumps(job, default=str) and TOKEN not in json.dumps(out)
+    for secret in (TOKEN, HEADER_TOKEN):
+        assert secret not in json.dumps(job, default=str) and secret not in json.dumps(out)
 
 
 def test_a_default_in_the_services_file_stands_where_its_variable_is_unset(

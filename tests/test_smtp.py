@@ -121,6 +121,12 @@ def test_a_message_arrives_with_its_headers_body_and_attachments_intact(server: 
     row = job(out["job_id"])
     assert row["status"] == "succeeded" and row["status_code"] == 250 and row["meta"] == out["meta"]
     assert row["response_excerpt"] == "250 2.0.0 OK: queued"
+    # The ledger keeps what the job was asked, not what it carried: bodies and attachments'
+    # bytes become digests once the job is settled; a replay of it is refused.
+    kept = json.dumps(row["params"])
+    assert "Numbers attached" not in kept and base64.b64encode(csv).decode() not in kept
+    assert row["params"]["subject"] == "Quarterly report ✓" and "$dropped" in row["params"]["text"]
+    assert [a["filename"] for a in row["params"]["attachments"]] == ["q3.csv", "chart.png"]
 
 
 def test_implicit_tls_sends_and_the_cli_waits_for_the_result(server: Handler, rcpt: str) -> None:

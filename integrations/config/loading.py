@@ -114,8 +114,6 @@ def interpolate(node: Any, where: str, substituted: list[tuple[str, str]] | None
     if not isinstance(node, str):
         return node
 
-    whole = _ENV_REF.fullmatch(node.strip()) is not None
-
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
         if name in os.environ:
@@ -127,12 +125,22 @@ def interpolate(node: Any, where: str, substituted: list[tuple[str, str]] | None
         else:
             return unset_marker(where, name)
         if substituted is not None:
-            # A reference inside a longer value (a token in a URL's path) is a credential; one
-            # that is the whole value of a plain field (a host, a port, a URL) is a setting.
-            substituted.append((where if whole else where + "#part", value))
+            # A reference in a path (a bot token in a base URL, as Telegram wants it) is a
+            # credential; one in a scheme, host or port, or a whole value, is a setting.
+            substituted.append((where + "#path" if _in_path(node[: m.start()]) else where, value))
         return value
 
     return _ENV_REF.sub(sub, node)
+
+
+def _in_path(before: str) -> bool:
+    """Whether a reference preceded by ``before`` stands in a URL's path (or a path template).
+    A reference that opens the value stands for a whole origin (``${API_URL}/bot${TOKEN}``)."""
+    before = _ENV_REF.sub("x", re.sub(r"^\$\{[^}]*\}", "x://x", before))
+    if before.startswith("/"):
+        return True
+    _, scheme, rest = before.partition("://")
+    return bool(scheme) and "/" in rest
 
 
 def check_no_unset(model: BaseModel) -> None:

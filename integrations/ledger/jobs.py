@@ -198,6 +198,13 @@ def refused_fields(fields: dict[str, Any], e: BaseException) -> dict[str, Any]:
     }
 
 
+@retried
+def keep_params(job_id: str, params: dict[str, Any]) -> None:
+    """Replace a settled job's params (with what they carried dropped)."""
+    with get_engine().begin() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(params=params))
+
+
 def write_attempt(
     claim: Claim,
     *,

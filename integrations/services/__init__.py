@@ -75,7 +75,7 @@ def load_services(path: Path, settings: Settings | None = None) -> dict[str, Ser
         # What came from the environment into a header, or inside a longer value (a token in a
         # URL's path), is a credential too: scrubbed from answers, masked in logs.
         svc._extra_secrets = tuple(
-            v for w, v in substituted if w.startswith(f"{where}.headers.") or w.endswith("#part")
+            v for w, v in substituted if w.startswith(f"{where}.headers.") or w.endswith("#path")
         )
         redact.register(*svc._extra_secrets)
         services[name] = svc

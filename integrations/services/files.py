@@ -91,7 +91,11 @@ class FilesOperation(Operation):
         elif self.name == "write":
             props = {
                 "path": _PATH,
-                "content": {"type": "string", "description": "The file's content, as encoding says."},
+                "content": {
+                    "type": "string",
+                    "writeOnly": True,
+                    "description": "The file's content, as encoding says.",
+                },
                 "encoding": _ENCODING,
                 "mode": _MODE,
                 "make_dirs": {

@@ -12,6 +12,7 @@ Error messages name the parameter and the rule, never the value given.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -152,6 +153,38 @@ class Params:
         if errors:
             raise InvalidParams("; ".join(_describe(e) for e in errors[:5]))
         return dict(clean)
+
+
+#: What is kept of a ``writeOnly`` value once its job is settled.
+DROPPED = "$dropped"
+
+
+def drop_write_only(value: Any, schema: Mapping[str, Any]) -> tuple[Any, bool]:
+    """``value`` with every part its schema marks ``writeOnly`` (a message's body, a file's
+    content) replaced by its digest, and whether anything was: the ledger keeps what a job was
+    asked, not what it carried."""
+    if schema.get("writeOnly") is True and value is not None:
+        data = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        digest = hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()
+        return {DROPPED: {"sha256": digest, "chars": len(data)}}, True
+    if isinstance(value, dict) and isinstance(schema.get("properties"), dict):
+        props, out, changed = schema["properties"], {}, False
+        for k, v in value.items():
+            out[k], hit = drop_write_only(v, props[k]) if isinstance(props.get(k), dict) else (v, False)
+            changed |= hit
+        return out, changed
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        pairs = [drop_write_only(v, schema["items"]) for v in value]
+        return [v for v, _ in pairs], any(hit for _, hit in pairs)
+    return value, False
+
+
+def has_dropped(value: Any) -> bool:
+    if isinstance(value, dict):
+        return DROPPED in value or any(has_dropped(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_dropped(v) for v in value)
+    return False
 
 
 def coerce(value: Any, schema: Mapping[str, Any]) -> Any:

@@ -55,6 +55,7 @@ def catalog(max_object_bytes: int) -> dict[str, S3Operation]:
                 "key": KEY,
                 "content": {
                     "type": "string",
+                    "writeOnly": True,
                     "description": "The object's content: text, or base64 when encoding is base64.",
                 },
                 "encoding": {

@@ -78,9 +78,15 @@ def send_schema(attachments_max_bytes: int) -> dict[str, Any]:
             "description": "The subject line.",
             **_NO_BREAKS,
         },
-        "text": {"type": "string", "maxLength": 1_000_000, "description": "The plain-text body."},
+        "text": {
+            "type": "string",
+            "maxLength": 1_000_000,
+            "writeOnly": True,
+            "description": "The plain-text body.",
+        },
         "html": {
             "type": "string",
+            "writeOnly": True,
             "maxLength": 2_000_000,
             "description": "An HTML body; with text, the message offers both (multipart/alternative).",
         },
@@ -112,6 +118,7 @@ def send_schema(attachments_max_bytes: int) -> dict[str, Any]:
                     "content": {
                         "type": "string",
                         "contentEncoding": "base64",
+                        "writeOnly": True,
                         "description": "The file's bytes, base64-encoded.",
                     },
                 },
