@@ -50,6 +50,7 @@ SQL_PG_PASSWORD = "pgpw-" + uuid.uuid4().hex
 MARIADB_URL = os.environ.get("TEST_MARIADB_URL", "mysql://root@127.0.0.1:3306/test")
 S3_SECRET_ACCESS_KEY = "s3secret-" + secrets.token_urlsafe(24)
 SMTP_PASSWORD = "smtp-" + uuid.uuid4().hex
+SLACK_BOT_TOKEN = "xoxb-" + secrets.token_hex(12)
 # The test CA of the SMTP servers (tests/smtp_server.py), made before the services file loads
 # (it names the CA's file), and the folder the files services' roots are made in.
 _SCRATCH = Path(tempfile.mkdtemp(prefix="integrations-tests-"))
@@ -120,6 +121,10 @@ os.environ.update(
     SMTP_PASSWORD=SMTP_PASSWORD,
     SMTP_CA_BUNDLE=str(SMTP_CERTS.ca),
     FILES_BASE=str(FILES_BASE),
+    # The Slack stand-in (tests/slack_server.py): the Web API, and its upload host on another port.
+    SLACK_PORT=str(free_port()),
+    SLACK_FILES_PORT=str(free_port()),
+    SLACK_BOT_TOKEN=SLACK_BOT_TOKEN,
 )
 for _name in ("VAR_DIR", "RESULT_BACKEND_FILE", "DATABASE_URL_FILE", "BROKER_URL_FILE"):
     os.environ.pop(_name, None)
