@@ -25,6 +25,10 @@ from integrations.services.base import Scope, Service
 # With reserve=1 a denied caller still takes the next free slots and learns how long to wait, so
 # waiting callers queue up in order instead of stampeding when the window opens. Slots are kept
 # only up to max_reserve_us ahead; a caller denied further out takes nothing and is parked.
+# The slot taken in every limit is at the one time the call will go (now + wait, the latest any
+# limit allows): a limit that would have allowed it sooner must count it when it happens, or
+# calls held back by another limit would bunch up in it (a channel's posts waiting for the
+# method's slots).
 # KEYS: pause_1..pause_m, tat_1..tat_n
 # ARGV: m, n, reserve, max_reserve_us, then per limit: interval_us, burst, ttl_ms, cost
 # Returns {wait_us, now_us}: wait 0 = go now; a negative wait is a pause (no slot taken).
@@ -50,8 +54,13 @@ for i = 1, n do
   if w > wait then wait = w end
 end
 if wait > 0 and (ARGV[3] == '0' or wait > tonumber(ARGV[4])) then return {wait, now} end
+local at = now + wait
 for i = 1, n do
-  redis.call('SET', KEYS[m + i], string.format('%d', tats[i]), 'PX', ARGV[4 + (i - 1) * 4 + 3])
+  local b = 4 + (i - 1) * 4
+  local interval, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 4])
+  local tat = tats[i] - interval * cost
+  if tat < at then tat = at end
+  redis.call('SET', KEYS[m + i], string.format('%d', tat + interval * cost), 'PX', ARGV[b + 3])
 end
 return {wait, now}
 """

@@ -53,6 +53,7 @@ SQL_PG_PASSWORD = "pgpw-" + uuid.uuid4().hex
 MARIADB_URL = os.environ.get("TEST_MARIADB_URL", "mysql://root@127.0.0.1:3306/test")
 S3_SECRET_ACCESS_KEY = "s3secret-" + secrets.token_urlsafe(24)
 SMTP_PASSWORD = "smtp-" + uuid.uuid4().hex
+SLACK_BOT_TOKEN = "xoxb-" + secrets.token_hex(12)
 # The test CA of the SMTP servers (tests/smtp_server.py), made before the services file loads
 # (it names the CA's file), and the folder the files services' roots are made in.
 _SCRATCH = Path(tempfile.mkdtemp(prefix="integrations-tests-"))
@@ -135,6 +136,10 @@ os.environ.update(
     TLS_STUB_URL=TLS_STUB.url,
     TLS_CA_FILE=str(CA.ca_cert),
     HOP_PORT=str(free_port()),
+    # The Slack stand-in (tests/slack_server.py): the Web API, and its upload host on another port.
+    SLACK_PORT=str(free_port()),
+    SLACK_FILES_PORT=str(free_port()),
+    SLACK_BOT_TOKEN=SLACK_BOT_TOKEN,
 )
 # Settings read from files are set by the tests that need them; CLAIMS_NEVER_SET stays unset
 # (tests/services.yaml's ${CLAIMS_NEVER_SET:-default} falls back to its defaults).
