@@ -120,6 +120,8 @@ os.environ.update(
     SMTP_PASSWORD=SMTP_PASSWORD,
     SMTP_CA_BUNDLE=str(SMTP_CERTS.ca),
     FILES_BASE=str(FILES_BASE),
+    # graphql kind: the GraphQL server of tests/graphql_server.py, once tests/test_graphql.py starts it.
+    GRAPHQL_PORT=str(free_port()),
 )
 for _name in ("VAR_DIR", "RESULT_BACKEND_FILE", "DATABASE_URL_FILE", "BROKER_URL_FILE"):
     os.environ.pop(_name, None)
