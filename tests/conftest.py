@@ -120,6 +120,8 @@ os.environ.update(
     SMTP_PASSWORD=SMTP_PASSWORD,
     SMTP_CA_BUNDLE=str(SMTP_CERTS.ca),
     FILES_BASE=str(FILES_BASE),
+    # llm kind (tests/test_llm.py): the OpenAI- and Anthropic-compatible server (tests/llm_server.py).
+    LLM_PORT=str(free_port()),
 )
 for _name in ("VAR_DIR", "RESULT_BACKEND_FILE", "DATABASE_URL_FILE", "BROKER_URL_FILE"):
     os.environ.pop(_name, None)
