@@ -149,9 +149,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for r in rows:
         rate = r["success_rate"]
         r["success"] = "-" if rate is None else f"{rate:.0%}"
-    print(
-        _table(rows, ["service", "operation", "count", "succeeded", "failed", "success", "p50_ms", "p95_ms"])
-    )
+    cols = ["service", "operation", "count", "succeeded", "failed", "success", "p50_ms", "p95_ms"]
+    print(_table(rows, [*cols, "input_tokens", "output_tokens"]))
     return 0
 
 
@@ -366,9 +365,9 @@ def add_commands(sub: Any) -> None:
     one.add_argument("id")
     one.set_defaults(func=cmd_job)
 
-    sub.add_parser("stats", help="per service and operation: count, success rate, p50/p95").set_defaults(
-        func=cmd_stats
-    )
+    sub.add_parser(
+        "stats", help="per service and operation: count, success rate, p50/p95, tokens"
+    ).set_defaults(func=cmd_stats)
     sub.add_parser(
         "health", help="per service: last health check, latency, breaker, last error and success"
     ).set_defaults(func=cmd_health)

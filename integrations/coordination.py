@@ -85,7 +85,8 @@ return left
 """
 
 # KEYS: tat   ARGV: microseconds to add (negative: a refund). Moves a limit's TAT after the fact,
-# once a call's real cost is known (an LLM's tokens); never below now.
+# once a call's real cost is known (an LLM's tokens); never below now. The key lives at least
+# until the TAT it now holds, so a large charge is not forgotten when the key would expire.
 _SETTLE = """
 local tat = redis.call('GET', KEYS[1])
 if not tat then return 0 end
@@ -93,7 +94,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local moved = tonumber(tat) + tonumber(ARGV[1])
 if moved < now then moved = now end
-redis.call('SET', KEYS[1], string.format('%d', moved), 'KEEPTTL')
+local ttl = redis.call('PTTL', KEYS[1])
+local needed = math.floor((moved - now) / 1000) + 60000
+if needed > ttl then ttl = needed end
+redis.call('SET', KEYS[1], string.format('%d', moved), 'PX', ttl)
 return 1
 """
 
@@ -171,8 +175,16 @@ def _limits(
         tat_key, pause_key = _keys(service.name, scope.key)
         pauses.append(pause_key)
         if scope.rate is not None:
-            limits.append(Limit(tat_key, *planned(scope.rate, margin), cost=max(1, scope.cost)))
+            rate, late = planned(scope.rate, margin)
+            limits.append(Limit(tat_key, rate, late, cost=charged(scope, rate)))
     return limits, pauses
+
+
+def charged(scope: Scope, rate: Rate) -> int:
+    """What a call is charged before it goes: its cost, but never more than the burst granted at,
+    which no wait could ever make room for (an LLM call asking for more tokens than a minute's
+    budget would be deferred for ever); :func:`settle` charges the rest once it is known."""
+    return min(max(1, scope.cost), rate.burst)
 
 
 def acquire(
@@ -244,10 +256,13 @@ def settle(service: Service, scope: Scope, actual_cost: int) -> None:
     """Correct a scope's count once a call's real cost is known (an LLM's tokens, charged an
     estimate before the call): the difference is added, or refunded."""
     r = client()
-    if r is None or scope.rate is None or actual_cost == scope.cost:
+    if r is None or scope.rate is None:
         return
     rate, _ = planned(scope.rate, get_settings().rate_limit_margin)
-    delta_us = int((actual_cost - max(1, scope.cost)) * 1_000_000 / rate.per_second)
+    delta = actual_cost - charged(scope, rate)
+    if delta == 0:
+        return
+    delta_us = int(delta * 1_000_000 / rate.per_second)
     r.eval(_SETTLE, 1, _keys(service.name, scope.key)[0], delta_us)
 
 

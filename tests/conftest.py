@@ -142,6 +142,8 @@ os.environ.update(
     SLACK_BOT_TOKEN=SLACK_BOT_TOKEN,
     # graphql kind: the GraphQL server of tests/graphql_server.py, once tests/test_graphql.py starts it.
     GRAPHQL_PORT=str(free_port()),
+    # llm kind (tests/test_llm.py): the OpenAI- and Anthropic-compatible server (tests/llm_server.py).
+    LLM_PORT=str(free_port()),
 )
 # Settings read from files are set by the tests that need them; CLAIMS_NEVER_SET stays unset
 # (tests/services.yaml's ${CLAIMS_NEVER_SET:-default} falls back to its defaults).

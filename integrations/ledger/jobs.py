@@ -304,17 +304,34 @@ def list_jobs(status: str | None = None, service: str | None = None, limit: int 
 
 
 def stats() -> list[dict[str, Any]]:
-    """Per service and operation: jobs, finished, success rate, p50 and p95 latency (ms)."""
-    q = select(jobs.c.service, jobs.c.operation, jobs.c.status, jobs.c.latency_ms).order_by(
-        jobs.c.service, jobs.c.operation
-    )
+    """Per service and operation: jobs, finished, success rate, p50 and p95 latency (ms), and
+    the tokens the jobs used (``None`` where no job reported any: not an LLM)."""
+    q = select(
+        jobs.c.service,
+        jobs.c.operation,
+        jobs.c.status,
+        jobs.c.latency_ms,
+        jobs.c.input_tokens,
+        jobs.c.output_tokens,
+    ).order_by(jobs.c.service, jobs.c.operation)
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     with get_engine().connect() as conn:
-        for service, operation, status, latency in conn.execute(q):
+        for service, operation, status, latency, input_tokens, output_tokens in conn.execute(q):
             g = groups.setdefault(
-                (service, operation), {"count": 0, "succeeded": 0, "failed": 0, "latencies": []}
+                (service, operation),
+                {
+                    "count": 0,
+                    "succeeded": 0,
+                    "failed": 0,
+                    "latencies": [],
+                    "input_tokens": None,
+                    "output_tokens": None,
+                },
             )
             g["count"] += 1
+            if input_tokens is not None or output_tokens is not None:
+                g["input_tokens"] = (g["input_tokens"] or 0) + (input_tokens or 0)
+                g["output_tokens"] = (g["output_tokens"] or 0) + (output_tokens or 0)
             if status == JobStatus.SUCCEEDED:
                 g["succeeded"] += 1
             elif status == JobStatus.FAILED:
