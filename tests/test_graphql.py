@@ -25,7 +25,8 @@ from integrations.config import Settings
 from integrations.errors import ConfigError, InvalidParams, PermanentError, RateLimited
 from integrations.ledger import jobs as ledger
 from integrations.services import Attempt, get_services, load_services
-from integrations.services.graphql import GraphqlService, judge
+from integrations.services.graphql import GraphqlService
+from integrations.services.graphql_errors import judge
 from tasks import call_service
 
 pytestmark = pytest.mark.usefixtures("worker")
