@@ -70,7 +70,7 @@ def celery_config(
     settings: Settings, services: dict[str, Service], mailboxes: dict[str, Mailbox]
 ) -> dict[str, Any]:
     if settings.is_sqlite or settings.broker_url.startswith("filesystem://"):
-        private_dir(settings.var_dir)
+        private_dir(settings.var_dir, tighten=True)
     if settings.results_url.startswith("db+sqlite:///"):
         private_file(Path(settings.results_url.removeprefix("db+sqlite:///")))
     return {

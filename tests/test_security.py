@@ -795,3 +795,21 @@ def test_a_service_whose_token_this_process_lacks_fails_alone_naming_the_variabl
     job = ledger.get_job(r.id)
     assert job is not None and (job["status"], job["attempts"]) == ("failed", 1)
     assert call_service.delay("stub", "echo", {"key": key}).get(timeout=20)["status"] == "succeeded"
+
+
+def test_a_sqlite_file_is_made_private_but_the_folder_it_sits_in_is_left_alone(tmp_path: Path) -> None:
+    # A ledger at /tmp/x.db must not take /tmp to 0700 (it did: every user's tmp was shut).
+    from integrations.ledger.db import make_engine
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    engine = make_engine(f"sqlite:///{shared}/ledger.db")
+    with engine.connect():
+        pass
+    engine.dispose()
+    assert shared.stat().st_mode & 0o7777 == 0o1777
+    assert (shared / "ledger.db").stat().st_mode & 0o777 == 0o600
+    fresh = tmp_path / "fresh" / "ledger.db"
+    make_engine(f"sqlite:///{fresh}").dispose()
+    assert fresh.parent.stat().st_mode & 0o777 == 0o700

@@ -181,19 +181,23 @@ class Settings(BaseSettings):
         return "db+" + self.database_url
 
 
-def private_dir(path: Path) -> Path:
-    """``path`` as a directory only its owner may enter (the embedded ledger, broker and beat
-    files live there): made so, or tightened when it is ours."""
+def private_dir(path: Path, tighten: bool = False) -> Path:
+    """``path`` as a directory only its owner may enter, made so when missing. ``tighten`` also
+    takes an existing one back to 0700: for ``VAR_DIR`` alone, which is ours by definition (the
+    embedded ledger, broker and beat files live there) — never a directory a file merely sits
+    in, such as ``/tmp``."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+    if tighten and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
         path.chmod(0o700)
     return path
 
 
 def private_file(path: Path) -> Path:
     """``path`` as a file only its owner may read, created empty when missing (SQLite then
-    gives its -wal and -shm files the same mode)."""
-    private_dir(path.parent)
+    gives its -wal and -shm files the same mode). Its directory is made when missing, never
+    changed."""
+    if not path.parent.exists():
+        private_dir(path.parent)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     elif path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
