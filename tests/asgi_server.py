@@ -12,10 +12,11 @@ import uvicorn
 
 
 @contextmanager
-def serve(app: Any, startup_timeout: float = 10.0) -> Iterator[str]:
-    """Yield the base URL of ``app`` served by a real uvicorn; stop it (bounded) afterwards."""
+def serve(app: Any, startup_timeout: float = 10.0, port: int = 0) -> Iterator[str]:
+    """Yield the base URL of ``app`` served by a real uvicorn (on ``port``, default: a free
+    one); stop it (bounded) afterwards."""
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="off"
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
