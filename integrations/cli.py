@@ -428,6 +428,10 @@ def add_commands(sub: Any) -> None:
     )
     io.set_defaults(func=cmd_import_openapi)
 
+    from integrations.auth.cli import add_commands as add_auth_commands
+
+    add_auth_commands(sub)  # connections, keys
+
     tk = sub.add_parser("mcp-token", help="a new bearer token for AGENT on the MCP server (printed once)")
     tk.add_argument("agent")
     tk.add_argument("--file", help="the tokens file (default: MCP_TOKENS_FILE)")

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from integrations import ledger
+from integrations import auth, ledger
 from integrations.config import get_settings
 from integrations.errors import InvalidParams, PermanentError, SubmitError, UnknownOperation, UnknownService
 from integrations.ledger.jobs import Claim
@@ -24,6 +24,11 @@ Publish = Callable[[str, str, str | None], None]
 PARAMS_DEPTH_MAX = 32
 
 _AGENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}")
+
+
+def valid_name(value: object) -> bool:
+    """Whether ``value`` is a valid agent or connection name."""
+    return isinstance(value, str) and _AGENT.fullmatch(value) is not None
 
 
 def resolve(service: str, operation: str) -> tuple[Service, Operation]:
@@ -85,6 +90,7 @@ def enqueue(
     *,
     agent: str | None = None,
     replay_of: str | None = None,
+    connection: str | None = None,
 ) -> tuple[str, bool]:
     """Validate, write the job row, then ``publish(service, job_id, agent)``; return ``(job_id, created)``.
 
@@ -92,6 +98,9 @@ def enqueue(
     job and publishes nothing. When the ledger is unreachable nothing is queued; when publishing
     fails the row is settled as failed. Both raise :class:`SubmitError`, so the caller always
     knows, and no job is left queued with no message.
+
+    ``connection`` names the end user's connection the job acts for (kept on the job row, never
+    on the broker): required by a service whose auth is per user, refused by every other.
     """
     if idempotency_key is not None and not (
         isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255 and idempotency_key.isprintable()
@@ -101,10 +110,23 @@ def enqueue(
         raise InvalidParams(
             "agent must be 1 to 100 letters, digits or '_.:@-', starting with a letter or digit"
         )
+    if connection is not None and not valid_name(connection):
+        raise InvalidParams(
+            "connection must be 1 to 100 letters, digits or '_.:@-', starting with a letter or digit"
+        )
     clean = prepare(service, operation, params)
+    refused = auth.connection_refused(resolve(service, operation)[0], connection)
+    if refused:
+        raise InvalidParams(refused)
     try:
         job_id, created = ledger.jobs.create_job(
-            service, operation, clean, idempotency_key, replay_of=replay_of, agent=agent
+            service,
+            operation,
+            clean,
+            idempotency_key,
+            replay_of=replay_of,
+            agent=agent,
+            connection=connection,
         )
     except SQLAlchemyError as e:
         raise SubmitError(
@@ -138,7 +160,14 @@ def replay(job_id: str, publish: Publish) -> str:
     if has_dropped(old["params"]):
         raise SubmitError(f"job {job_id} carried content the ledger does not keep; submit it anew")
     new_id, _ = enqueue(
-        old["service"], old["operation"], old["params"], None, publish, agent=old["agent"], replay_of=job_id
+        old["service"],
+        old["operation"],
+        old["params"],
+        None,
+        publish,
+        agent=old["agent"],
+        replay_of=job_id,
+        connection=old["connection"],
     )
     return new_id
 
@@ -148,4 +177,4 @@ def perform(svc: Service, claim: Claim, agent: str | None = None) -> Outcome:
     op = svc.operation(claim.operation)
     if op is None:
         raise PermanentError(f"service {svc.name} no longer has operation {claim.operation!r}")
-    return svc.call(op, claim.params, Attempt(claim.job_id, claim.attempt, agent))
+    return svc.call(op, claim.params, Attempt(claim.job_id, claim.attempt, agent, claim.connection))

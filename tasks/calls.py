@@ -47,21 +47,23 @@ def publish(service: str, job_id: str, agent: str | None = None) -> None:
 
 
 class CallService(Task):  # type: ignore[misc]
-    """``call_service.delay(service, operation, params, idempotency_key=None, agent=None)``.
+    """``call_service.delay(service, operation, params, idempotency_key=None, agent=None,
+    connection=None)``.
 
     Validates in the caller (unknown service, operation or params raise and nothing is written
     or queued), writes the job row, then publishes its id to the service's task. The returned
     ``AsyncResult`` has the job id as its id; ``.get()`` gives ``{job_id, status, status_code,
     data, ...}`` or raises the job's final error. A reused idempotency key returns the existing
     job's result and calls nothing upstream. ``agent`` names the submitter, for per-agent rate
-    limits and the ledger.
+    limits and the ledger. ``connection`` names the end user the job acts for (a service with
+    per-user auth sends that connection's token); it stays on the job row, off the broker.
     """
 
     typing = False
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
-        service, operation, params, key, agent = _call_args(*(args or ()), **(kwargs or {}))
-        job_id, _ = jobs.enqueue(service, operation, params, key, publish, agent=agent)
+        service, operation, params, key, agent, connection = _call_args(*(args or ()), **(kwargs or {}))
+        job_id, _ = jobs.enqueue(service, operation, params, key, publish, agent=agent, connection=connection)
         return self.AsyncResult(job_id)
 
 
@@ -71,8 +73,9 @@ def _call_args(
     params: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
     agent: str | None = None,
-) -> tuple[str, str, dict[str, Any] | None, str | None, str | None]:
-    return service, operation, params, idempotency_key, agent
+    connection: str | None = None,
+) -> tuple[str, str, dict[str, Any] | None, str | None, str | None, str | None]:
+    return service, operation, params, idempotency_key, agent, connection
 
 
 @app.task(base=CallService, name="integrations.call_service")
@@ -82,9 +85,12 @@ def call_service(
     params: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
     agent: str | None = None,
+    connection: str | None = None,
 ) -> Any:
     """Called in-process (``call_service(...)``): accept the job and run it here."""
-    job_id, _ = jobs.enqueue(service, operation, params, idempotency_key, lambda s, j, a: None, agent=agent)
+    job_id, _ = jobs.enqueue(
+        service, operation, params, idempotency_key, lambda s, j, a: None, agent=agent, connection=connection
+    )
     return app.tasks[task_name(service)].apply((job_id,), task_id=job_id).get()
 
 
@@ -275,6 +281,7 @@ def _gate_claimed(
     (no attempt counted) and the job deferred."""
     op = svc.operation(claim.operation)
     scopes = svc.scopes(op, claim.params) if op is not None else []
+    scopes = [*scopes, *svc.connection_scopes(claim.connection)]
     stale = granted is not None and time.monotonic() - granted > get_settings().rate_limit_margin
     if not scopes and not stale:
         return

@@ -16,8 +16,10 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_i
 
 import beat_schedule
 from integrations import redact
+from integrations.auth import keys
 from integrations.config import Mailbox, Settings, get_mailboxes, get_settings
 from integrations.config.settings import private_dir, private_file
+from integrations.errors import ConfigError
 from integrations.services import Service, get_services
 
 
@@ -118,5 +120,11 @@ def _redact_logs(**_: Any) -> None:
 
 @worker_init.connect
 def _check_at_start(**_: Any) -> None:
-    """A worker reads its configuration at start, so a broken services file stops it there."""
-    get_services()
+    """A worker reads its configuration at start, so a broken services file stops it there, and
+    so does a missing key when a service keeps OAuth tokens in the ledger."""
+    services = get_services()
+    try:
+        keys.require_for(services.values())
+    except ConfigError as e:
+        # SystemExit rather than the error: Celery logs what a signal handler raises and goes on.
+        raise SystemExit(f"worker not started: {e}") from None

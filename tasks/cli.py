@@ -21,7 +21,12 @@ def cmd_call(args: argparse.Namespace) -> int:
     _, op = resolve(args.service, args.operation)
     params = cli.parse_params(args.params, op.parameters)
     result = call_service.delay(
-        args.service, args.operation, params, idempotency_key=args.idempotency_key, agent=args.agent
+        args.service,
+        args.operation,
+        params,
+        idempotency_key=args.idempotency_key,
+        agent=args.agent,
+        connection=args.connection,
     )
     return _show(result, args)
 
@@ -106,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("params", nargs="*", metavar="key=value")
     c.add_argument("--idempotency-key")
     c.add_argument("--agent", help="who submits: the key of per-agent rate limits")
+    c.add_argument("--connection", help="the end user's connection the job acts for (per-user services)")
     _wait_options(c)
     c.set_defaults(func=cmd_call)
 

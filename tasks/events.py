@@ -16,6 +16,7 @@ from celery.signals import worker_init
 from celery.utils.log import get_task_logger
 
 from integrations import events
+from integrations.auth import tokens
 from integrations.config import get_settings
 from integrations.ledger import events as ledger
 from integrations.ledger.models import HandlingStatus, utcnow
@@ -39,8 +40,12 @@ def _load_handlers_at_start(**_: Any) -> None:
 
 
 def publish_event(event_id: str) -> None:
-    """Queue a stored event for dispatch (the receiver and the inbox poller call this)."""
+    """Queue a stored event for dispatch (the receiver, the inbox poller and connections call this)."""
     dispatch_event.delay(event_id)
+
+
+# A connection's events (connection:needs_reauth, connection:authorized) go to the handlers too.
+tokens.set_event_publisher(publish_event)
 
 
 class HandlerTask(Task):  # type: ignore[misc]

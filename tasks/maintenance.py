@@ -36,7 +36,8 @@ def requeue_stuck_jobs() -> int:
 
     found = ledger.stuck_jobs(
         now,
-        queued_before=before(0),
+        # A deferred job sits queued for up to DEFER_COUNTDOWN_MAX (its countdown): not lost.
+        queued_before=before(s.defer_countdown_max + 10),
         running_before=before(s.task_time_limit + 10),
         retrying_before=before(max(s.max_countdown, s.defer_countdown_max) + 10),
     )

@@ -1,4 +1,5 @@
-"""The webhook receiver as the app runs it: the library's ASGI app, publishing to the workers.
+"""The webhook receiver as the app runs it: the library's ASGI app, publishing to the workers,
+and the OAuth callback where end users' authorizations come back (``GET /oauth/callback``).
 
 ``integrations receiver`` (and ``make run``) serves it with uvicorn on
 ``RECEIVER_HOST:RECEIVER_PORT``; ``uvicorn --factory tasks.receiver:app_from_settings`` too.
@@ -11,7 +12,10 @@ import logging
 from fastapi import FastAPI
 
 from integrations import redact
+from integrations.auth import keys
+from integrations.auth.callback import add_callback
 from integrations.config import get_settings, get_webhooks
+from integrations.services import get_services
 from integrations.webhooks.receiver import create_app
 from tasks.events import publish_event
 
@@ -20,7 +24,9 @@ log = logging.getLogger("integrations.webhooks.receiver")
 
 def app_from_settings() -> FastAPI:
     """The receiver as the settings and the services file describe it."""
-    return create_app(get_webhooks(), publish_event, get_settings().webhook_max_body_bytes)
+    app = create_app(get_webhooks(), publish_event, get_settings().webhook_max_body_bytes)
+    add_callback(app)
+    return app
 
 
 def serve() -> None:
@@ -28,6 +34,7 @@ def serve() -> None:
 
     redact.install()
     s = get_settings()
+    keys.require_for(get_services().values())  # the callback stores tokens
     sources = get_webhooks()
     for src in sources.values():
         _ = src.secrets  # a secret not set here stops the receiver now, in one line naming it

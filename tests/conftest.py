@@ -70,6 +70,30 @@ TLS_STUB = TlsStub(CA.server_cert, CA.server_key)
 TLS_STUB.start()
 
 
+def rsa_pem() -> tuple[str, str]:
+    """``(private, public)`` PEM of a new RSA key (a test app's signing key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public.decode()
+
+
+# Connections (issue 13): the clients of the test OAuth server (tests/oauth_server.py) and the
+# keys their JWTs are signed with; they must never leak.
+OAUTH_MACHINE_SECRET = "cs-" + secrets.token_urlsafe(24)
+OAUTH_WEBAPP_SECRET = "ws-" + secrets.token_urlsafe(24)
+OAUTH_JWT_KEY, OAUTH_JWT_PUBLIC = rsa_pem()
+OAUTH_GITHUB_KEY, OAUTH_GITHUB_PUBLIC = rsa_pem()
+INTEGRATIONS_KEY = base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
 def most_in_window(times: list[float], window: float = 1.0) -> int:
     """The most of ``times`` inside any half-open window ``[t, t + window)``: what a provider
     counting calls per window would see at its worst."""
@@ -144,9 +168,16 @@ os.environ.update(
     GRAPHQL_PORT=str(free_port()),
     # llm kind (tests/test_llm.py): the OpenAI- and Anthropic-compatible server (tests/llm_server.py).
     LLM_PORT=str(free_port()),
+    # Connections (issue 13): the test OAuth server (the `oauth` fixture starts it), the key of
+    # tokens at rest, and the receiver's callback (served on that port by the tests that need it).
+    OAUTH_URL=f"http://127.0.0.1:{free_port()}",
+    OAUTH_MACHINE_SECRET=OAUTH_MACHINE_SECRET,
+    OAUTH_WEBAPP_SECRET=OAUTH_WEBAPP_SECRET,
+    OAUTH_JWT_KEY=OAUTH_JWT_KEY,
+    OAUTH_GITHUB_KEY=OAUTH_GITHUB_KEY,
+    INTEGRATIONS_KEYS=INTEGRATIONS_KEY,
+    OAUTH_REDIRECT_URL=f"http://127.0.0.1:{free_port()}/oauth/callback",
 )
-# Settings read from files are set by the tests that need them; CLAIMS_NEVER_SET stays unset
-# (tests/services.yaml's ${CLAIMS_NEVER_SET:-default} falls back to its defaults).
 for _name in (
     "VAR_DIR",
     "RESULT_BACKEND_FILE",
@@ -157,6 +188,7 @@ for _name in (
     "MIGRATE_WAIT",
     "CLAIMS_NEVER_SET",
     "CLAIMS_NEVER_SET_FILE",
+    "INTEGRATIONS_KEYS_FILE",
 ):
     os.environ.pop(_name, None)
 
@@ -224,3 +256,32 @@ def key() -> str:
     """A fresh stub key, so each test sees only its own requests."""
     # A letter first: the CLI reads key=value as JSON, and "12e45" would be a number.
     return "k" + uuid.uuid4().hex[:11]
+
+
+@pytest.fixture(scope="session")
+def oauth() -> Iterator[Any]:
+    """The test OAuth 2 authorization and resource server (tests/oauth_server.py), with Google
+    Calendar's stand-in (tests/gcal_server.py) as ``oauth.calendar``, at OAUTH_URL."""
+    from oauth_server import Client, OAuthServer
+
+    server = OAuthServer(int(urlsplit(os.environ["OAUTH_URL"]).port or 0))
+    server.add_client(Client("machine", OAUTH_MACHINE_SECRET, ("client_credentials",)))
+    server.add_client(Client("webapp", OAUTH_WEBAPP_SECRET, ("authorization_code", "refresh_token")))
+    jwt_bearer = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    server.add_client(Client("svcacct", None, (jwt_bearer,), public_key=OAUTH_JWT_PUBLIC))
+    server.store.github_app_key = OAUTH_GITHUB_PUBLIC
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[str]:
+    """The webhook receiver as the app runs it (tasks.receiver), with its OAuth callback, on the
+    port of OAUTH_REDIRECT_URL, where the test OAuth server sends the users' browsers back."""
+    from asgi_server import serve
+
+    from tasks.receiver import app_from_settings
+
+    with serve(app_from_settings(), port=int(urlsplit(os.environ["OAUTH_REDIRECT_URL"]).port or 0)) as url:
+        yield url

@@ -65,3 +65,10 @@ def release_key(event_id: str) -> str:
 @handler("email:received")
 def on_email(event: Event) -> None:
     _ran("on_email", event)
+
+
+@handler("connection:needs_reauth")
+def on_needs_reauth(event: Event) -> None:
+    """An agent's handler: ask the user to reconnect (here: note which connection it was)."""
+    _redis.rpush("test:needs_reauth", f"{event.payload['service']}/{event.payload['connection']}")
+    _ran("on_needs_reauth", event)

@@ -14,11 +14,19 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from integrations import redact
+from integrations.config.schema import check_url
 from integrations.config.secrets import read_secret_file
 from integrations.errors import ConfigError
 
 #: Settings that may hold a secret can also be read from a file named by ``NAME_FILE``.
-FILE_SETTINGS = ("BROKER_URL", "RESULT_BACKEND", "DATABASE_URL", "FLOWER_PASSWORD", "COORDINATION_URL")
+FILE_SETTINGS = (
+    "BROKER_URL",
+    "RESULT_BACKEND",
+    "DATABASE_URL",
+    "FLOWER_PASSWORD",
+    "COORDINATION_URL",
+    "INTEGRATIONS_KEYS",
+)
 
 
 class Settings(BaseSettings):
@@ -108,6 +116,13 @@ class Settings(BaseSettings):
     #: How long a ``tools/call`` waits for its job before answering with the job id and status
     #: (ask again with the ``job_status`` tool).
     mcp_wait: float = Field(30, ge=0, le=600)
+    #: The keys that encrypt connections' tokens in the ledger (Fernet keys, comma-separated,
+    #: newest first: the first encrypts, all decrypt). ``integrations keys generate`` makes one.
+    integrations_keys: SecretStr | None = None
+    #: Where providers send the user back after authorizing a connection: the receiver's
+    #: ``/oauth/callback`` as the browser reaches it (default: on RECEIVER_HOST:RECEIVER_PORT).
+    oauth_redirect_url: str | None = None
+
     #: Bearer tokens of the HTTP transport: lines of ``<sha256 of the token, hex> <agent>``
     #: (``integrations mcp-token AGENT`` adds one). Tokens themselves are never stored.
     mcp_tokens_file: Path | None = None
@@ -116,6 +131,16 @@ class Settings(BaseSettings):
     mcp_allowed_origins: str = ""
     #: ``Host`` values the HTTP transport answers besides ``MCP_HOST`` and loopback, comma-separated.
     mcp_allowed_hosts: str = ""
+
+    @field_validator("oauth_redirect_url")
+    @classmethod
+    def _redirect_url(cls, v: str | None) -> str | None:
+        return None if v is None else check_url(v, what="OAUTH_REDIRECT_URL")
+
+    @property
+    def redirect_url(self) -> str:
+        """The OAuth redirect URI: OAUTH_REDIRECT_URL, else the receiver's callback."""
+        return self.oauth_redirect_url or f"http://{self.receiver_host}:{self.receiver_port}/oauth/callback"
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -141,6 +166,9 @@ class Settings(BaseSettings):
             redact.register(_password_of(url))
         if self.flower_password is not None:
             redact.register(self.flower_password.get_secret_value())
+        if self.integrations_keys is not None:
+            keys = self.integrations_keys.get_secret_value()
+            redact.register(keys, *(k.strip() for k in keys.split(",")))
         return self
 
     @property

@@ -38,6 +38,8 @@ class Claim:
     operation: str
     params: dict[str, Any]
     attempt: int
+    #: The end user's connection the job acts for (kept on its row, never on the broker).
+    connection: str | None = None
 
 
 def create_job(
@@ -47,6 +49,7 @@ def create_job(
     idempotency_key: str | None,
     replay_of: str | None = None,
     agent: str | None = None,
+    connection: str | None = None,
 ) -> tuple[str, bool]:
     """Insert a queued job; return ``(job_id, created)``.
 
@@ -63,6 +66,7 @@ def create_job(
         "idempotency_key": idempotency_key,
         "replay_of": replay_of,
         "agent": agent,
+        "connection": connection,
         "status": JobStatus.QUEUED,
         "attempts": 0,
         "created_at": now,
@@ -116,7 +120,7 @@ _CLAIM = (
         next_attempt_at=None,
         updated_at=bindparam("b_now", type_=UTCDateTime),
     )
-    .returning(jobs.c.service, jobs.c.operation, jobs.c.params, jobs.c.attempts)
+    .returning(jobs.c.service, jobs.c.operation, jobs.c.params, jobs.c.attempts, jobs.c.connection)
 )
 _ADD_ATTEMPT = insert(attempts).values(
     job_id=bindparam("b_job_id"),
@@ -163,7 +167,7 @@ def claim(job_id: str) -> Claim | None:
         row = conn.execute(_CLAIM, {"b_job_id": job_id, "b_now": utcnow()}).first()
     if row is None:
         return None
-    return Claim(job_id, row.service, row.operation, row.params, row.attempts)
+    return Claim(job_id, row.service, row.operation, row.params, row.attempts, row.connection)
 
 
 @retried

@@ -1,4 +1,5 @@
-"""The ledger's tables: jobs and their attempts, events and their handlings, outgoing deliveries."""
+"""The ledger's tables: jobs and their attempts, events and their handlings, outgoing deliveries,
+end users' connections."""
 
 from __future__ import annotations
 
@@ -102,6 +103,8 @@ class Job(Base):
     replay_of: Mapped[str | None] = mapped_column(String(36))
     #: Who submitted the job (an agent's name); per-agent rate limits key on it.
     agent: Mapped[str | None] = mapped_column(String(100))
+    #: The end user's connection the job acts for (its name, never its tokens).
+    connection: Mapped[str | None] = mapped_column(String(100))
     #: What the service's kind keeps of the outcome (warnings, the model that answered, ...).
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     input_tokens: Mapped[int | None] = mapped_column(Integer)
@@ -276,3 +279,55 @@ class MailboxCursor(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class ConnectionStatus(StrEnum):
+    PENDING = "pending"  # authorization started, no tokens yet
+    ACTIVE = "active"
+    NEEDS_REAUTH = "needs_reauth"  # the provider refused the grant (invalid_grant)
+    REVOKED = "revoked"
+
+
+class Connection(Base):
+    """A named credential of one service for one end user, or the service's own token (name
+    ``*``: client credentials, a JWT bearer grant, a GitHub App installation).
+
+    ``tokens`` is a Fernet token (:mod:`integrations.auth.keys`) of the JSON of the access
+    token, the refresh token and their type; ``key_id`` names the key it was encrypted with,
+    and ``version`` goes up with every write of them."""
+
+    __tablename__ = "connections"
+    __table_args__ = (Index("uq_connections_service_name", "service", "name", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    service: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16))
+    #: Whom the credential acts as, when that is not in the tokens: the user a JWT bearer grant
+    #: names, a GitHub App's installation id. Not a secret.
+    subject: Mapped[str | None] = mapped_column(String(255))
+    scopes: Mapped[list[str] | None] = mapped_column(JSON)
+    tokens: Mapped[str | None] = mapped_column(Text)
+    key_id: Mapped[str | None] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    refreshed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class OAuthState(Base):
+    """An authorization in progress: the ``state`` sent to the provider (kept as its SHA-256
+    only), bound to one service and connection, with its PKCE verifier (encrypted). Used once."""
+
+    __tablename__ = "oauth_states"
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    service: Mapped[str] = mapped_column(String(100))
+    connection: Mapped[str] = mapped_column(String(100))
+    verifier: Mapped[str] = mapped_column(Text)
+    key_id: Mapped[str] = mapped_column(String(16))
+    redirect_uri: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)

@@ -42,6 +42,9 @@ class Attempt:
     job_id: str
     number: int = 1
     agent: str | None = None
+    #: The end user's connection the job acts for (``call_service.delay(..., connection=...)``);
+    #: a kind with per-user auth sends that connection's token.
+    connection: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ class Service(Strict):
     #: busy agent cannot take the whole service's budget.
     agent_rate_limit: RateSpec = None
     agent_burst: int = Field(1, ge=1, le=10000)
+    #: The same, for each end user's connection (``call_service.delay(..., connection="alice")``):
+    #: the provider's own quota per user.
+    connection_rate_limit: RateSpec = None
+    connection_burst: int = Field(1, ge=1, le=10000)
     retry: RetryPolicy = RetryPolicy()
     breaker: Breaker | None = Breaker()
     health: HealthCheck | None = None
@@ -152,6 +159,14 @@ class Service(Strict):
     def scopes(self, op: Operation, params: dict[str, Any]) -> list[Scope]:
         """Rate limits of the kind's own for this call, beside the service's and the agent's."""
         return []
+
+    def connection_scopes(self, connection: str | None) -> list[Scope]:
+        """The limit of the end user's connection a job acts for (``connection_rate_limit``), a
+        scope ``connection:<name>`` beside the kind's own; none without a connection or a limit."""
+        limit = parse_rate(self.connection_rate_limit, self.connection_burst)
+        if connection is None or limit is None:
+            return []
+        return [Scope(f"connection:{connection}", limit)]
 
     def settle(self, op: Operation, params: dict[str, Any], outcome: Outcome) -> list[tuple[Scope, int]]:
         """``(scope, real cost)`` of the scopes whose cost was an estimate before the call (an

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 
 from integrations import http
-from integrations.auth import Auth, NoAuth, sent_values
+from integrations.auth import Auth, NoAuth, sent_values, token_auth, tokens
 from integrations.config import get_settings
 from integrations.config.schema import check_url
 from integrations.errors import CallError, ConfigError, PermanentError
@@ -87,7 +87,7 @@ class HttpService(Service):
         # The same key on every attempt of a job: an upstream that honours it runs the job once
         # even when our retry follows a lost reply (draft-ietf-httpapi-idempotency-key-header).
         req = replace(req, headers={**req.headers, "Idempotency-Key": attempt.job_id})
-        return self.interpret(self.send(req), op)
+        return self.interpret(self.send(req, attempt.connection), op)
 
     def check_health(self) -> Outcome:
         h = self.health
@@ -95,10 +95,16 @@ class HttpService(Service):
             return self.interpret(self.send(http.Request("GET", self.base_url + h.path)), None)
         return super().check_health()
 
-    def send(self, req: http.Request) -> http.Response:
+    def send(self, req: http.Request, connection: str | None = None) -> http.Response:
         """Send ``req`` through the choke point; the service's own credentials are scrubbed from
-        the answer (an upstream that echoes the request must not put them in the ledger)."""
+        the answer (an upstream that echoes the request must not put them in the ledger).
+
+        With a token-based auth (OAuth2, a GitHub App) the access token of ``connection`` (the
+        job's :attr:`Attempt.connection`; the service's own token when its auth is not per
+        user) goes on this request only (:mod:`integrations.auth.tokens`)."""
         try:
+            if token_auth(self) is not None:
+                return tokens.send(self, req, connection, get_settings().response_max_bytes)
             resp = http.send(self, req, get_settings().response_max_bytes)
         except ConfigError as e:  # a secret this process does not have
             raise PermanentError(str(e)) from None

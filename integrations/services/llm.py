@@ -143,7 +143,7 @@ class LlmService(HttpService):
                 json=wire.body(params, model, max_tokens),
                 headers={**wire.headers(), "Idempotency-Key": key},
             )
-            resp = self.send(req)
+            resp = self.send(req, attempt.connection)
             spent_ms += resp.latency_ms
             excerpt = resp.excerpt(get_settings().ledger_body_max_bytes)
             err = wire.error(resp, model, self.retry.retry_after_max)

@@ -220,7 +220,7 @@ class SlackService(HttpService):
         key = {"Idempotency-Key": attempt.job_id}
         first = {"filename": params["filename"], "length": len(data)}
         first |= {k: params[k] for k in ("alt_txt", "snippet_type") if k in params}
-        got = self.send(_with(self.api_request(GET_UPLOAD_URL, first), key))
+        got = self.send(_with(self.api_request(GET_UPLOAD_URL, first), key), attempt.connection)
         ticket = self.answer(GET_UPLOAD_URL, got)
         upload_url, file_id = ticket.get("upload_url"), ticket.get("file_id")
         if not (isinstance(upload_url, str) and isinstance(file_id, str) and file_id):
@@ -229,7 +229,7 @@ class SlackService(HttpService):
         files = [{"id": file_id, **({"title": params["title"]} if "title" in params else {})}]
         second: dict[str, Any] = {"files": files}
         second |= {k: params[k] for k in ("channel_id", "initial_comment", "thread_ts") if k in params}
-        done = self.send(_with(self.api_request(COMPLETE_UPLOAD, second), key))
+        done = self.send(_with(self.api_request(COMPLETE_UPLOAD, second), key), attempt.connection)
         body = self.answer(COMPLETE_UPLOAD, done)
         found = [*warnings(ticket), *warnings(body)]
         return Outcome(
