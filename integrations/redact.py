@@ -45,7 +45,11 @@ _PATTERNS = [
     (re.compile(rf"(?P<keep>[?&;](?:{_CREDENTIAL_NAMES})=)[^&\s;'\"]+", re.IGNORECASE), r"\g<keep>" + MASK),
     # Authorization: Bearer ... / Basic ... (a header, or a repr of one)
     (
-        re.compile(r"(?P<keep>\b(?:Bearer|Basic|Token|Bot)\s+)[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE),
+        # ...a value that looks like a credential (long, with a digit), not "token endpoint".
+        re.compile(
+            r"(?P<keep>\b(?:Bearer|Basic|Token|Bot)\s+)(?=[A-Za-z0-9._~+/=-]*\d)[A-Za-z0-9._~+/=-]{12,}",
+            re.IGNORECASE,
+        ),
         r"\g<keep>" + MASK,
     ),
 ]
