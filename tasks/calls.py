@@ -30,7 +30,7 @@ from integrations.ledger.models import TERMINAL, JobStatus, utcnow
 from integrations.services import Outcome, Service, get_services
 from integrations.services.params import drop_write_only
 from integrations.ssrf import BlockedAddress
-from tasks.celeryapp import app
+from tasks.celeryapp import app, delay_options
 from tasks.celeryapp import call_task_name as task_name
 
 log = get_task_logger(__name__)
@@ -204,7 +204,7 @@ def run_job(
     err.__cause__, err.__context__, err.__suppress_context__ = None, None, True
     if will_retry and wait is not None:
         # Honour the server's Retry-After instead of our own backoff.
-        raise self.retry(exc=err, countdown=wait)
+        raise self.retry(exc=err, **delay_options(wait))
     raise err  # autoretry_for retries TransientError with the service's backoff; others fail
 
 
@@ -305,7 +305,9 @@ def _defer(
             kwargs["scope_slot"] = scope_slot
         if agent:
             kwargs["agent"] = agent
-        task.apply_async((job_id,), kwargs, countdown=wait, task_id=job_id, retries=task.request.retries)
+        task.apply_async(
+            (job_id,), kwargs, task_id=job_id, retries=task.request.retries, **delay_options(wait)
+        )
     else:
         ledger.park(job_id, utcnow() + dt.timedelta(seconds=wait))
     raise Ignore()

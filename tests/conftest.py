@@ -224,3 +224,13 @@ def key() -> str:
     """A fresh stub key, so each test sees only its own requests."""
     # A letter first: the CLI reads key=value as JSON, and "12e45" would be a number.
     return "k" + uuid.uuid4().hex[:11]
+
+
+@pytest.fixture
+def rabbitmq_vhost() -> Iterator[tuple[str, str]]:
+    """A RabbitMQ virtual host of this test's own, deleted after: ``(name, AMQP URL)``
+    (tests/rabbitmq.py). RabbitMQ not reachable: the test fails."""
+    import rabbitmq
+
+    with rabbitmq.vhost() as made:
+        yield made
