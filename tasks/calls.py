@@ -30,6 +30,7 @@ from integrations.ledger.models import TERMINAL, JobStatus, utcnow
 from integrations.services import Outcome, Service, get_services
 from integrations.services.params import drop_write_only
 from integrations.ssrf import BlockedAddress
+from tasks import liveness
 from tasks.celeryapp import app, delay_options
 from tasks.celeryapp import call_task_name as task_name
 
@@ -116,7 +117,7 @@ def run_job(
         self.request.kwargs.pop("slot", None)
         self.request.kwargs.pop("scope_slot", None)
     try:
-        claim = ledger.claim(job_id)
+        claim = ledger.claim(job_id, liveness.node())
     except (SoftTimeLimitExceeded, SQLAlchemyError) as e:
         if isinstance(e, SQLAlchemyError) and not unreachable(e):
             raise
@@ -126,7 +127,7 @@ def run_job(
         _defer(self, job_id, get_settings().defer_countdown_max, None, agent)
     if claim is None and spool.flush(job_id):
         # Its last outcome was kept aside while the ledger was away; recorded now, try again.
-        claim = ledger.claim(job_id)
+        claim = ledger.claim(job_id, liveness.node())
     if claim is None:
         # Already running elsewhere, or finished: a redelivered message. Store no result, so
         # the job's real result is not overwritten.

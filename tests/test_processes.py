@@ -184,8 +184,8 @@ def test_beat_sends_its_dispatchers_sweepers_and_health_checks_on_their_interval
     assert fixed == {
         "dispatch-deferred-jobs": ("integrations.dispatch_deferred", 2.0, 2.0),
         "dispatch-due-deliveries": ("integrations.dispatch_deliveries", 2.0, 2.0),
-        "requeue-stuck-jobs": ("integrations.requeue_stuck_jobs", 60.0, 54.0),
-        "requeue-stuck-events": ("integrations.requeue_stuck_events", 60.0, 54.0),
+        "requeue-stuck-jobs": ("integrations.requeue_stuck_jobs", 15.0, 13.5),
+        "requeue-stuck-events": ("integrations.requeue_stuck_events", 15.0, 13.5),
     }
     # Real beat and no worker: what it sends stays on a broker of its own, to be counted.
     broker = redis.Redis.from_url(SPARE_REDIS_URL)

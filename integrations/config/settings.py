@@ -48,10 +48,16 @@ class Settings(BaseSettings):
     max_countdown: int = Field(900, ge=1)
     visibility_timeout: int = Field(3600, ge=60)
     #: A job queued this long without being claimed is presumed lost and published again
-    #: (running jobs: past the task time limit; waiting ones: past the longest countdown).
+    #: (running jobs: this long and past the task's hard time limit; waiting ones: this long
+    #: and past the longest countdown). Jobs of a lost worker node come back much sooner.
     stuck_after: int = Field(900, ge=5)
-    #: How often beat's sweepers look for jobs, events and handlings whose message was lost.
-    sweep_interval: float = Field(60, ge=1, le=3600)
+    #: How often beat's sweepers look for jobs, events and handlings whose message was lost,
+    #: and for the jobs of worker nodes that stopped beating.
+    sweep_interval: float = Field(15, ge=1, le=3600)
+    #: Every worker node writes a heartbeat to the coordination Redis this often (seconds)...
+    node_heartbeat: float = Field(5, ge=0.5, le=60)
+    #: ...and is lost once none came for this long: its jobs are published again by the sweeper.
+    node_lost_after: float = Field(20, ge=3, le=3600)
     #: RabbitMQ only: the broker's ``consumer_timeout`` (rabbitmq.conf; RabbitMQ's default, 30
     #: minutes). A message stays unacknowledged in a worker for at most
     #: (WORKER_PREFETCH_MULTIPLIER + 1) x TASK_TIME_LIMIT, which must stay below it.
@@ -136,6 +142,8 @@ class Settings(BaseSettings):
             raise ValueError("MAX_COUNTDOWN must be at most half of VISIBILITY_TIMEOUT")
         if self.defer_countdown_max > self.max_countdown:
             raise ValueError("DEFER_COUNTDOWN_MAX must be at most MAX_COUNTDOWN")
+        if self.node_lost_after < 3 * self.node_heartbeat:
+            raise ValueError("NODE_LOST_AFTER must be at least three NODE_HEARTBEAT intervals")
         if self.is_amqp:
             self._check_rabbitmq()
         if not self.database_url:
