@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from conftest import DATABASE_URL
 from procs import env_with, python, wait_for
 from stub import Reply, Stub
@@ -107,6 +108,11 @@ def test_every_job_of_a_node_killed_on_default_settings_runs_again_within_a_minu
             doomed.wait(timeout=10)
             rows = wait_terminal(ids, RECOVERY_BOUND + 120, [*logs, beat_log])
             all_done = time.time() - killed
+            # The survivor's note of the jobs it holds empties once it finished them.
+            coordination = redis.Redis.from_url(server.url)
+            held = "integrations:node:survivor@*:held"  # a sorted set, gone once empty
+            wait_for(lambda: not coordination.keys(held), 20, "the survivor's held jobs to be dropped")
+            coordination.close()
             survivor_log = logs[1].read_text(errors="replace")
     assert_all_succeeded(rows)
     by_job = executions(stub, key, ids)
@@ -114,7 +120,8 @@ def test_every_job_of_a_node_killed_on_default_settings_runs_again_within_a_minu
 
     # What the killed node held: every job message it had received and not finished.
     received, succeeded = task_ids(logs[0])
-    lost = received - succeeded
+    # (A job the killed node finished just before it died may lack its log line.)
+    lost = {j for j in received - succeeded if rows[j]["finished_at"].timestamp() > killed}
     assert lost, "the killed node held jobs when it died"
     running = {j for j in lost if any(h.at < killed for h in by_job[j])}
     recovery: dict[str, float] = {}
