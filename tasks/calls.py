@@ -30,7 +30,8 @@ from integrations.ledger.models import TERMINAL, JobStatus, utcnow
 from integrations.services import Outcome, Service, get_services
 from integrations.services.params import drop_write_only
 from integrations.ssrf import BlockedAddress
-from tasks.celeryapp import app
+from tasks import liveness
+from tasks.celeryapp import app, delay_options
 from tasks.celeryapp import call_task_name as task_name
 
 log = get_task_logger(__name__)
@@ -122,7 +123,7 @@ def run_job(
         self.request.kwargs.pop("slot", None)
         self.request.kwargs.pop("scope_slot", None)
     try:
-        claim = ledger.claim(job_id)
+        claim = ledger.claim(job_id, liveness.node())
     except (SoftTimeLimitExceeded, SQLAlchemyError) as e:
         if isinstance(e, SQLAlchemyError) and not unreachable(e):
             raise
@@ -132,7 +133,7 @@ def run_job(
         _defer(self, job_id, get_settings().defer_countdown_max, None, agent)
     if claim is None and spool.flush(job_id):
         # Its last outcome was kept aside while the ledger was away; recorded now, try again.
-        claim = ledger.claim(job_id)
+        claim = ledger.claim(job_id, liveness.node())
     if claim is None:
         # Already running elsewhere, or finished: a redelivered message. Store no result, so
         # the job's real result is not overwritten.
@@ -210,7 +211,7 @@ def run_job(
     err.__cause__, err.__context__, err.__suppress_context__ = None, None, True
     if will_retry and wait is not None:
         # Honour the server's Retry-After instead of our own backoff.
-        raise self.retry(exc=err, countdown=wait)
+        raise self.retry(exc=err, **delay_options(wait))
     raise err  # autoretry_for retries TransientError with the service's backoff; others fail
 
 
@@ -312,7 +313,9 @@ def _defer(
             kwargs["scope_slot"] = scope_slot
         if agent:
             kwargs["agent"] = agent
-        task.apply_async((job_id,), kwargs, countdown=wait, task_id=job_id, retries=task.request.retries)
+        task.apply_async(
+            (job_id,), kwargs, task_id=job_id, retries=task.request.retries, **delay_options(wait)
+        )
     else:
         ledger.park(job_id, utcnow() + dt.timedelta(seconds=wait))
     raise Ignore()

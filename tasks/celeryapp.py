@@ -8,11 +8,13 @@ app is finalized. Importing ``tasks`` needs neither the environment nor the serv
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_init
+from kombu.entity import Exchange, Queue
 
 import beat_schedule
 from integrations import redact
@@ -35,9 +37,65 @@ def broker_options(settings: Settings) -> dict[str, Any]:
             "control_folder": str(folder / "control"),
             "store_processed": False,
         }
+    if settings.is_amqp:
+        # Publisher confirms: a publish returns once RabbitMQ has taken the message (a quorum
+        # queue: a majority of its replicas); a message it refuses raises in the submitter.
+        return {"confirm_publish": True}
     # A message unacknowledged past the visibility timeout is delivered again; every countdown
     # we allow (settings.max_countdown) stays well below it.
     return {"visibility_timeout": settings.visibility_timeout}
+
+
+#: The queue of the jobs, handlers and deliveries (on RabbitMQ also the topic exchange's name).
+QUEUE = "integrations"
+#: Beat's dispatchers and sweepers have a queue of their own: behind a backlog of jobs they
+#: would wait, expire unrun, and leave lost or parked jobs waiting for the backlog to drain.
+#: Every worker consumes both (a worker started with ``-Q`` must name both).
+MAINTENANCE_QUEUE = "integrations.maintenance"
+
+
+def maintenance_tasks() -> list[str]:
+    """The tasks of beat's dispatchers and sweepers (:mod:`beat_schedule`)."""
+    return [e["task"] for e in beat_schedule.DISPATCHERS.values()] + list(beat_schedule.SWEEPERS.values())
+
+
+def queue_options(settings: Settings) -> dict[str, Any]:
+    """The two queues, and on RabbitMQ how they are declared: quorum queues (replicated,
+    durable, with a delivery count) behind a topic exchange. Celery 5.7 then uses RabbitMQ's
+    native delayed delivery for countdowns (its ``celery_delayed_*`` queues hold the message,
+    not the worker); it refuses direct exchanges for that, hence the topic one."""
+    routes = {task: {"queue": MAINTENANCE_QUEUE} for task in maintenance_tasks()}
+    names = (QUEUE, MAINTENANCE_QUEUE)
+    if not settings.is_amqp:
+        return {
+            "task_queues": [Queue(n, Exchange(n), routing_key=n) for n in names],  # type: ignore[no-untyped-call]
+            "task_default_queue": QUEUE,
+            "task_routes": routes,
+        }
+    exchange = Exchange(QUEUE, type="topic", durable=True)  # type: ignore[no-untyped-call]
+    quorum = {"x-queue-type": "quorum"}
+    return {
+        "task_queues": [Queue(n, exchange, routing_key=n, queue_arguments=quorum) for n in names],  # type: ignore[no-untyped-call]
+        "task_default_queue": QUEUE,
+        "task_default_exchange": QUEUE,
+        "task_default_exchange_type": "topic",
+        "task_default_routing_key": QUEUE,
+        "task_routes": routes,
+    }
+
+
+def delay_options(wait: float) -> dict[str, Any]:
+    """The ``apply_async``/``retry`` options that hold a message back ``wait`` seconds.
+
+    Celery 5.7's native delayed delivery (RabbitMQ with quorum queues) counts whole seconds and
+    refuses a countdown below one (kombu's ``calculate_routing_key`` raises ValueError for 0).
+    Such a wait goes straight to the queue with its ETA in the message's ``eta`` header (Celery's
+    message protocol 2), and the worker holds it for the fraction of a second.
+    """
+    if 0 < wait < 1 and get_settings().is_amqp:
+        eta = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=wait)
+        return {"countdown": 0, "headers": {"eta": eta.isoformat()}}
+    return {"countdown": wait}
 
 
 def call_task_name(service: str) -> str:
@@ -81,7 +139,7 @@ def celery_config(
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
-        "task_default_queue": "integrations",
+        **queue_options(settings),
         # A job is acknowledged only once it has run; a worker lost mid-call gives it back.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

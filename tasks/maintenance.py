@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 
+import redis
 from celery.utils.log import get_task_logger
 
-from integrations import breaker, coordination, health, redact
+from integrations import breaker, coordination, health, liveness, redact
 from integrations.config import get_settings
 from integrations.ledger import jobs as ledger
 from integrations.ledger import spool
@@ -22,9 +23,12 @@ log = get_task_logger(__name__)
 def requeue_stuck_jobs() -> int:
     """Publish again the jobs whose message was lost (worker killed, broker emptied).
 
-    A job is presumed lost when it sat queued for ``STUCK_AFTER`` seconds, ran past the task's
-    hard time limit (no worker can still be at it), or waited for a retry past the longest
-    countdown. The claim in the worker makes a spare message harmless.
+    The jobs of a lost worker node (no heartbeat for ``NODE_LOST_AFTER``) come back first: the
+    ones it had received and not claimed, and the ones it was running once their attempt's own
+    time (the service's timeout) is up. Without word of a lost node, a job is presumed lost
+    when it sat queued for ``STUCK_AFTER`` seconds, ran for ``STUCK_AFTER`` and past the task's
+    hard time limit (no worker can still be at it), or waited for a retry for ``STUCK_AFTER``
+    and past the longest countdown. The claim in the worker makes a spare message harmless.
     """
     # Outcomes kept aside while the ledger was away first: their jobs are not stuck.
     spool.flush()
@@ -34,7 +38,8 @@ def requeue_stuck_jobs() -> int:
     def before(seconds: float) -> dt.datetime:
         return now - dt.timedelta(seconds=max(s.stuck_after, seconds))
 
-    found = ledger.stuck_jobs(
+    lost_nodes, of_lost = _jobs_of_lost_nodes(now)
+    found = of_lost + ledger.stuck_jobs(
         now,
         # A deferred job sits queued for up to DEFER_COUNTDOWN_MAX (its countdown): not lost.
         queued_before=before(s.defer_countdown_max + 10),
@@ -45,9 +50,39 @@ def requeue_stuck_jobs() -> int:
     for job_id, service, agent in found:
         if service in services:
             publish(service, job_id, agent)
-    if found:
-        log.warning("re-queued %d stuck jobs", len(found))
+    # Their jobs are back on the broker: forget the nodes (one still named by a running job
+    # whose attempt has time left is found again through the ledger next time).
+    liveness.forget(lost_nodes)
+    if lost_nodes:
+        log.warning(
+            "worker nodes lost: %s; %d of their jobs re-queued", ", ".join(sorted(lost_nodes)), len(of_lost)
+        )
+    if len(found) > len(of_lost):
+        log.warning("re-queued %d stuck jobs", len(found) - len(of_lost))
     return len(found)
+
+
+def attempt_time(service: str) -> float:
+    """How long after its claim an attempt at one of ``service``'s jobs may still be waiting for
+    the upstream: the service's timeout (a few seconds' margin), never past the task's hard
+    time limit."""
+    s = get_settings()
+    svc = get_services().get(service)
+    bound = s.task_time_limit + 10 if svc is None else min(svc.timeout + 5, s.task_time_limit + 10)
+    return float(bound)
+
+
+def _jobs_of_lost_nodes(now: dt.datetime) -> tuple[set[str], list[tuple[str, str, str | None]]]:
+    """The worker nodes found lost, and their jobs reset for a new message."""
+    try:
+        lost = liveness.lost(ledger.running_nodes())
+        held = {job_id for node in lost for job_id in liveness.held(node)}
+    except redis.RedisError as e:
+        log.warning("worker liveness unknown (%s): only STUCK_AFTER applies this time", type(e).__name__)
+        return set(), []
+    if not lost:
+        return set(), []
+    return lost, ledger.jobs_of_lost_nodes(now, lost, held, attempt_time)
 
 
 @app.task(name="integrations.dispatch_deferred", ignore_result=True)

@@ -285,3 +285,13 @@ def receiver() -> Iterator[str]:
 
     with serve(app_from_settings(), port=int(urlsplit(os.environ["OAUTH_REDIRECT_URL"]).port or 0)) as url:
         yield url
+
+
+@pytest.fixture
+def rabbitmq_vhost() -> Iterator[tuple[str, str]]:
+    """A RabbitMQ virtual host of this test's own, deleted after: ``(name, AMQP URL)``
+    (tests/rabbitmq.py). RabbitMQ not reachable: the test fails."""
+    import rabbitmq
+
+    with rabbitmq.vhost() as made:
+        yield made

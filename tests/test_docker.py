@@ -176,7 +176,8 @@ def test_each_process_gets_its_own_secrets_only() -> None:
     webhook = {name for name in app if any("WEBHOOK_SECRET" in k for k in environment(name))}
     assert tokens == {"worker"} and webhook == {"receiver"}
     assert {name for name in app if "FLOWER_PASSWORD_FILE" in environment(name)} == {"flower"}
-    assert secrets_of("flower") == {"flower_password"}  # no ledger, no token
+    # No ledger, no token: the broker's URL (RabbitMQ's holds a password) and its own password.
+    assert secrets_of("flower") == {"flower_password", "broker_url"}
     assert environment("postgres")["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
 
 

@@ -324,13 +324,16 @@ def test_the_global_rate_limit_holds_across_four_worker_processes(
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_a_worker_node_killed_mid_flight_loses_no_job_and_runs_none_twice_at_once(
-    tmp_path: Path, stub: Stub, key: str
+    broker: str, tmp_path: Path, stub: Stub, key: str, request: pytest.FixtureRequest
 ) -> None:
     stub.plan(key, *[Reply(delay=0.2)] * (2 * JOBS))
     with redis_server(tmp_path) as server:
         # Real beat: its sweepers run every second here (SWEEP_INTERVAL), on the survivor.
         env = stack_env(server.url, SERVICES_FILE=FAULT_SERVICES, SWEEP_INTERVAL=1, **FAULT_SETTINGS)
+        if broker == "rabbitmq":  # a vhost of the test's own; results and coordination stay in Redis
+            env.update(BROKER_URL=request.getfixturevalue("rabbitmq_vhost")[1], COORDINATION_URL=server.url)
         names = ["doomed", "survivor"]
         logs = [tmp_path / f"worker-{name}.log" for name in names]
         with (
@@ -361,6 +364,7 @@ def test_a_worker_node_killed_mid_flight_loses_no_job_and_runs_none_twice_at_onc
     assert twice <= 2
     report(
         "worker SIGKILL",
+        broker=broker,
         requests_unanswered_at_kill=unanswered,
         jobs_done_by_killed_node=count_lines(logs[0], "succeeded in"),
         jobs_run_more_than_once=twice,

@@ -56,10 +56,20 @@ class Settings(BaseSettings):
     max_countdown: int = Field(900, ge=1)
     visibility_timeout: int = Field(3600, ge=60)
     #: A job queued this long without being claimed is presumed lost and published again
-    #: (running jobs: past the task time limit; waiting ones: past the longest countdown).
+    #: (running jobs: this long and past the task's hard time limit; waiting ones: this long
+    #: and past the longest countdown). Jobs of a lost worker node come back much sooner.
     stuck_after: int = Field(900, ge=5)
-    #: How often beat's sweepers look for jobs, events and handlings whose message was lost.
-    sweep_interval: float = Field(60, ge=1, le=3600)
+    #: How often beat's sweepers look for jobs, events and handlings whose message was lost,
+    #: and for the jobs of worker nodes that stopped beating.
+    sweep_interval: float = Field(15, ge=1, le=3600)
+    #: Every worker node writes a heartbeat to the coordination Redis this often (seconds)...
+    node_heartbeat: float = Field(5, ge=0.5, le=60)
+    #: ...and is lost once none came for this long: its jobs are published again by the sweeper.
+    node_lost_after: float = Field(20, ge=3, le=3600)
+    #: RabbitMQ only: the broker's ``consumer_timeout`` (rabbitmq.conf; RabbitMQ's default, 30
+    #: minutes). A message stays unacknowledged in a worker for at most
+    #: (WORKER_PREFETCH_MULTIPLIER + 1) x TASK_TIME_LIMIT, which must stay below it.
+    consumer_timeout: float = Field(1800, ge=60)
     #: How long a worker keeps retrying a ledger write, with backoff, while the database is
     #: unreachable, so no outcome of a call already made is lost to a database restart.
     ledger_retry_for: float = Field(300, ge=0)
@@ -157,6 +167,10 @@ class Settings(BaseSettings):
             raise ValueError("MAX_COUNTDOWN must be at most half of VISIBILITY_TIMEOUT")
         if self.defer_countdown_max > self.max_countdown:
             raise ValueError("DEFER_COUNTDOWN_MAX must be at most MAX_COUNTDOWN")
+        if self.node_lost_after < 3 * self.node_heartbeat:
+            raise ValueError("NODE_LOST_AFTER must be at least three NODE_HEARTBEAT intervals")
+        if self.is_amqp:
+            self._check_rabbitmq()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.var_dir / 'integrations.db'}"
         if self.coordination_url is None and self.broker_url.startswith(("redis://", "rediss://")):
@@ -170,6 +184,26 @@ class Settings(BaseSettings):
             keys = self.integrations_keys.get_secret_value()
             redact.register(keys, *(k.strip() for k in keys.split(",")))
         return self
+
+    def _check_rabbitmq(self) -> None:
+        if self.coordination_url is None:
+            # Unset, not empty: a Redis broker used to provide it, RabbitMQ does not.
+            raise ValueError(
+                "BROKER_URL is RabbitMQ: set COORDINATION_URL to a Redis (global rate limits, pauses,"
+                " breakers, worker liveness and task results live there), or to an empty value to"
+                " run without"
+            )
+        held = (self.worker_prefetch_multiplier + 1) * self.task_time_limit
+        if held >= self.consumer_timeout:
+            raise ValueError(
+                "(WORKER_PREFETCH_MULTIPLIER + 1) x TASK_TIME_LIMIT must stay below CONSUMER_TIMEOUT"
+                " (RabbitMQ's consumer_timeout): a prefetched message is held unacknowledged that long"
+            )
+
+    @property
+    def is_amqp(self) -> bool:
+        """The broker is RabbitMQ (AMQP 0-9-1, py-amqp)."""
+        return self.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
     @property
     def handler_modules(self) -> list[str]:
@@ -198,11 +232,14 @@ class Settings(BaseSettings):
 
     @property
     def results_url(self) -> str:
-        """Where task results go: ``RESULT_BACKEND``, else Redis beside a Redis broker, else the DB."""
+        """Where task results go: ``RESULT_BACKEND``, else Redis beside a Redis broker, else the
+        coordination Redis beside RabbitMQ, else the DB."""
         if self.result_backend:
             return self.result_backend
         if self.broker_url.startswith(("redis://", "rediss://")):
             return self.broker_url
+        if self.is_amqp and self.coordination_url:
+            return self.coordination_url
         if self.is_sqlite:
             # Its own file: result writes then never wait on the ledger's write lock.
             return f"db+sqlite:///{self.var_dir / 'results.db'}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import statistics
 import uuid
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -119,6 +120,7 @@ _CLAIM = (
         started_at=func.coalesce(jobs.c.started_at, bindparam("b_now", type_=UTCDateTime)),
         next_attempt_at=None,
         updated_at=bindparam("b_now", type_=UTCDateTime),
+        node=bindparam("b_node"),
     )
     .returning(jobs.c.service, jobs.c.operation, jobs.c.params, jobs.c.attempts, jobs.c.connection)
 )
@@ -157,14 +159,15 @@ _RECORD_PG = _MOVE_JOB.add_cte(_ADD_ATTEMPT.cte("add_attempt"))
 
 
 @retried
-def claim(job_id: str) -> Claim | None:
-    """Atomically move a queued or retrying job to running and count the attempt.
+def claim(job_id: str, node: str | None = None) -> Claim | None:
+    """Atomically move a queued or retrying job to running and count the attempt; ``node``
+    (the worker node's run, :mod:`integrations.liveness`) is recorded as the job's holder.
 
     Returns ``None`` when the job is already running or finished, so a redelivered message
     never runs the same job twice at once.
     """
     with get_engine().begin() as conn:
-        row = conn.execute(_CLAIM, {"b_job_id": job_id, "b_now": utcnow()}).first()
+        row = conn.execute(_CLAIM, {"b_job_id": job_id, "b_now": utcnow(), "b_node": node}).first()
     if row is None:
         return None
     return Claim(job_id, row.service, row.operation, row.params, row.attempts, row.connection)
@@ -186,6 +189,7 @@ def release(claim: Claim) -> bool:
                 status=JobStatus.RETRYING if claim.attempt > 1 else JobStatus.QUEUED,
                 attempts=claim.attempt - 1,
                 updated_at=utcnow(),
+                node=None,
             )
         )
     return res.rowcount == 1
@@ -381,10 +385,9 @@ def stuck_jobs(
     (past the longest countdown). A running job goes back to retrying. The reset is a
     conditional update, so two sweepers never both take the same job.
     """
-    found: list[tuple[str, str, str | None]] = []
     with get_engine().begin() as conn:
         rows = conn.execute(
-            select(jobs.c.id, jobs.c.service, jobs.c.agent, jobs.c.status, jobs.c.updated_at, jobs.c.attempts)
+            select(*_STUCK)
             .where(
                 ((jobs.c.status == JobStatus.QUEUED) & (jobs.c.updated_at < queued_before))
                 | ((jobs.c.status == JobStatus.RUNNING) & (jobs.c.updated_at < running_before))
@@ -393,20 +396,78 @@ def stuck_jobs(
             .order_by(jobs.c.updated_at)
             .limit(limit)
         ).all()
-        for job_id, service, agent, status, updated_at, attempt in rows:
-            res = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status == status, jobs.c.updated_at == updated_at)
-                .values(
-                    status=JobStatus.RETRYING if status != JobStatus.QUEUED else JobStatus.QUEUED,
-                    updated_at=now,
-                )
+        return _reset(conn, rows, now)
+
+
+_STUCK = (jobs.c.id, jobs.c.service, jobs.c.agent, jobs.c.status, jobs.c.updated_at, jobs.c.attempts)
+
+
+def _reset(conn: Any, rows: Any, now: dt.datetime) -> list[tuple[str, str, str | None]]:
+    """Reset each of ``rows`` (:data:`_STUCK` columns) for a new message, unless it moved since
+    it was read; record the attempt of a running one as lost. The ``(id, service, agent)`` reset."""
+    found: list[tuple[str, str, str | None]] = []
+    for job_id, service, agent, status, updated_at, attempt in rows:
+        res = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status == status, jobs.c.updated_at == updated_at)
+            .values(
+                status=JobStatus.RETRYING if status != JobStatus.QUEUED else JobStatus.QUEUED,
+                updated_at=now,
+                node=None,
             )
-            if res.rowcount == 1:
-                found.append((job_id, service, agent))
-                if status == JobStatus.RUNNING and attempt > 0:
-                    _record_lost(conn, job_id, attempt, updated_at, now)
+        )
+        if res.rowcount == 1:
+            found.append((job_id, service, agent))
+            if status == JobStatus.RUNNING and attempt > 0:
+                _record_lost(conn, job_id, attempt, updated_at, now)
     return found
+
+
+def running_nodes() -> set[str]:
+    """The worker nodes that hold running jobs, as the ledger knows them."""
+    with get_engine().connect() as conn:
+        return set(
+            conn.execute(
+                select(jobs.c.node)
+                .where(jobs.c.status == JobStatus.RUNNING, jobs.c.node.is_not(None))
+                .distinct()
+            ).scalars()
+        )
+
+
+def jobs_of_lost_nodes(
+    now: dt.datetime,
+    nodes: Collection[str],
+    held: Collection[str],
+    attempt_time: Callable[[str], float],
+) -> list[tuple[str, str, str | None]]:
+    """``(job_id, service, agent)`` of the jobs lost with worker ``nodes``, once reset for a
+    new message: those they claimed (running, their attempt counted as lost) once the attempt's
+    own time is up (``attempt_time(service)`` seconds after the claim: the call it made cannot
+    still be waited for), and the ``held`` ones (messages they had received) still waiting."""
+    if not nodes and not held:
+        return []
+    with get_engine().begin() as conn:
+        rows = []
+        if nodes:
+            running = conn.execute(
+                select(*_STUCK).where(jobs.c.status == JobStatus.RUNNING, jobs.c.node.in_(list(nodes)))
+            ).all()
+            rows += [
+                r for r in running if r.updated_at <= now - dt.timedelta(seconds=attempt_time(r.service))
+            ]
+        for chunk in _chunks(list(held), 500):
+            rows += conn.execute(
+                select(*_STUCK).where(
+                    jobs.c.id.in_(chunk), jobs.c.status.in_((JobStatus.QUEUED, JobStatus.RETRYING))
+                )
+            ).all()
+        return _reset(conn, rows, now)
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def _record_lost(conn: Any, job_id: str, number: int, started_at: dt.datetime, now: dt.datetime) -> None:

@@ -109,6 +109,9 @@ class Job(Base):
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     input_tokens: Mapped[int | None] = mapped_column(Integer)
     output_tokens: Mapped[int | None] = mapped_column(Integer)
+    #: The worker node (one run of it) that claimed the job, while it runs: when that node is
+    #: lost, the sweeper publishes the job again without waiting for STUCK_AFTER.
+    node: Mapped[str | None] = mapped_column(String(200))
 
 
 class BreakerEvent(Base):
