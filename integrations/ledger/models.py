@@ -106,6 +106,9 @@ class Job(Base):
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     input_tokens: Mapped[int | None] = mapped_column(Integer)
     output_tokens: Mapped[int | None] = mapped_column(Integer)
+    #: The trace the job was submitted in (W3C ``traceparent``/``tracestate``), so beat's
+    #: dispatchers re-queue it into the same trace. ``None`` when its submitter did not trace.
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSON)
 
 
 class BreakerEvent(Base):
