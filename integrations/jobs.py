@@ -14,6 +14,7 @@ from integrations.config import get_settings
 from integrations.errors import InvalidParams, PermanentError, SubmitError, UnknownOperation, UnknownService
 from integrations.ledger.jobs import Claim
 from integrations.ledger.models import JobStatus
+from integrations.observability import journal, traces
 from integrations.services import Attempt, Operation, Outcome, Service, get_services
 from integrations.services.params import has_dropped
 
@@ -76,6 +77,7 @@ def prepare(service: str, operation: str, params: Any) -> dict[str, Any]:
     return clean
 
 
+@traces.spanned("job.submit")
 def enqueue(
     service: str,
     operation: str,
@@ -104,7 +106,13 @@ def enqueue(
     clean = prepare(service, operation, params)
     try:
         job_id, created = ledger.jobs.create_job(
-            service, operation, clean, idempotency_key, replay_of=replay_of, agent=agent
+            service,
+            operation,
+            clean,
+            idempotency_key,
+            replay_of=replay_of,
+            agent=agent,
+            trace_context=traces.carrier(),
         )
     except SQLAlchemyError as e:
         raise SubmitError(
@@ -118,6 +126,7 @@ def enqueue(
             reason = f"could not queue the job: broker unavailable ({type(e).__name__})"
             ledger.jobs.fail_unqueued(job_id, reason)
             raise SubmitError(f"{reason}; job {job_id} was not run") from e
+        journal.submitted(job_id, service, operation, agent)
     return job_id, created
 
 

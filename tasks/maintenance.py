@@ -12,7 +12,7 @@ from integrations.ledger import jobs as ledger
 from integrations.ledger import spool
 from integrations.ledger.models import utcnow
 from integrations.services import get_services
-from tasks.calls import publish
+from tasks.calls import republish
 from tasks.celeryapp import app
 
 log = get_task_logger(__name__)
@@ -43,7 +43,7 @@ def requeue_stuck_jobs() -> int:
     services = get_services()
     for job_id, service, agent in found:
         if service in services:
-            publish(service, job_id, agent)
+            republish(service, job_id, agent)
     if found:
         log.warning("re-queued %d stuck jobs", len(found))
     return len(found)
@@ -56,7 +56,9 @@ def dispatch_deferred() -> int:
     services = get_services()
     for job_id, service, agent in due:
         if service in services:
-            publish(service, job_id, agent)
+            republish(service, job_id, agent)
+    if due:
+        log.info("queued %d deferred jobs whose time has come", len(due))
     return len(due)
 
 

@@ -10,24 +10,29 @@ import logging
 
 from fastapi import FastAPI
 
-from integrations import redact
 from integrations.config import get_settings, get_webhooks
+from integrations.observability import logs
 from integrations.webhooks.receiver import create_app
+from tasks import observe
 from tasks.events import publish_event
 
 log = logging.getLogger("integrations.webhooks.receiver")
 
 
 def app_from_settings() -> FastAPI:
-    """The receiver as the settings and the services file describe it."""
-    return create_app(get_webhooks(), publish_event, get_settings().webhook_max_body_bytes)
+    """The receiver as the settings and the services file describe it, observed (its
+    ``/metrics``, a count and a span per webhook)."""
+    sources = get_webhooks()
+    return observe.receiver(
+        create_app(sources, publish_event, get_settings().webhook_max_body_bytes), sources
+    )
 
 
 def serve() -> None:
     import uvicorn
 
-    redact.install()
     s = get_settings()
+    logs.setup(s.log_level, s.log_format)
     sources = get_webhooks()
     for src in sources.values():
         _ = src.secrets  # a secret not set here stops the receiver now, in one line naming it
@@ -41,4 +46,6 @@ def serve() -> None:
         port=s.receiver_port,
         log_level=s.log_level.lower(),
         access_log=False,
+        # uvicorn's loggers go through the handler set up above (LOG_FORMAT), not its own.
+        log_config=None,
     )
