@@ -144,6 +144,8 @@ os.environ.update(
     GRAPHQL_PORT=str(free_port()),
     # llm kind (tests/test_llm.py): the OpenAI- and Anthropic-compatible server (tests/llm_server.py).
     LLM_PORT=str(free_port()),
+    # The metrics exporter `make run` starts (issue 15), on a port of this run's own.
+    METRICS_PORT=str(free_port()),
 )
 # Settings read from files are set by the tests that need them; CLAIMS_NEVER_SET stays unset
 # (tests/services.yaml's ${CLAIMS_NEVER_SET:-default} falls back to its defaults).
