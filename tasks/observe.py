@@ -40,10 +40,9 @@ HOUSEKEEPING = frozenset(
 
 def _task_context() -> Mapping[str, Any]:
     """The Celery task a log line was written in, for JSON lines (text lines have Celery's)."""
-    task = current_task
-    if task is None or task.request.id is None:
+    if not current_task or current_task.request.id is None:  # a proxy: false outside a task
         return {}
-    return {"task": task.name, "task_id": task.request.id}
+    return {"task": current_task.name, "task_id": current_task.request.id}
 
 
 @after_setup_logger.connect

@@ -92,6 +92,7 @@ def use_json(
     """Give ``handlers`` (Celery's, once it set up its logging) the JSON formatter."""
     for handler in handlers:
         handler.setFormatter(JsonFormatter(context))
+    logging.captureWarnings(True)  # a library's warning is a JSON line too, not raw text
 
 
 def setup(level: str, fmt: str, stream: TextIO | None = None) -> logging.Handler:
@@ -105,6 +106,7 @@ def setup(level: str, fmt: str, stream: TextIO | None = None) -> logging.Handler
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)
     return handler
 
 
