@@ -309,6 +309,12 @@ def test_the_scrape_config_scrapes_the_exporter_and_the_receiver() -> None:
     assert "alerts.yml" in " ".join(config["rule_files"])
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     assert {"metrics", "prometheus", "grafana"} <= set(compose["services"])
+    # The exporter reads the files the workers and beat write: one volume, at the folder they use.
+    for name in ("worker", "beat", "metrics"):
+        service = compose["services"][name]
+        folder = service["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+        assert f"metrics-data:{folder}" in service["volumes"], name
+    assert compose["services"]["metrics"]["command"] == ["integrations", "metrics"]
 
 
 def test_every_alert_names_metrics_the_exporter_serves(served_names: set[str]) -> None:
