@@ -5,9 +5,11 @@ the exporter serves."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import os
 import re
 import uuid
 from pathlib import Path
@@ -17,7 +19,8 @@ import pytest
 import redis
 import requests
 import yaml
-from conftest import GH_SECRET, ROOT, SPARE_REDIS_URL, free_port
+from conftest import GH_SECRET, ROOT, SPARE_REDIS_URL, TOKEN, free_port
+from llm_server import LlmServer
 from procs import BIN, env_with, python, running, wait_for
 from sqlalchemy import delete, func, select
 from stub import Reply, Stub
@@ -30,7 +33,7 @@ SUBMIT = """
 import json
 from tasks import call_service
 plan = json.loads({plan!r})
-results = [call_service.delay(service, "echo", {{"key": key}}) for service, key in plan]
+results = [call_service.delay(service, operation, params) for service, operation, params in plan]
 ids = []
 for r in results:
     try:
@@ -63,9 +66,10 @@ def test_the_counters_scraped_during_a_real_run_match_the_ledger(tmp_path: Path,
     ok, retry, fail = f"ok{run}", f"re{run}", f"no{run}"
     stub.plan(retry, Reply(500), Reply(502))  # two attempts retried, the third succeeds
     stub.plan(fail, *[Reply(404)] * 2)  # permanent: one attempt each
-    plan = (
-        [("stub", ok)] * 6 + [("stub", retry)] + [("stub", fail)] * 2 + [("stub_global", f"gl{run}")] * 12
-    )  # stub_global: 20/s, burst 5, so some of the twelve wait for the limiter
+    echo = [("stub", ok)] * 6 + [("stub", retry)] + [("stub", fail)] * 2 + [("stub_global", f"gl{run}")] * 12
+    # stub_global: 20/s, burst 5, so some of the twelve wait for the limiter. And two LLM calls.
+    chat = {"messages": [{"role": "user", "content": f"[{run}] how many tokens is this?"}]}
+    plan = [(service, "echo", {"key": k}) for service, k in echo] + [("llm_openai", "chat", chat)] * 2
     redis.Redis.from_url(SPARE_REDIS_URL).flushdb()
     folder = tmp_path / "metrics"
     exporter_port, receiver_port = free_port(), free_port()
@@ -81,11 +85,15 @@ def test_the_counters_scraped_during_a_real_run_match_the_ledger(tmp_path: Path,
               f"--hostname=metrics-{run}@%h", "--without-gossip", "--without-mingle"]  # fmt: skip
     exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
     receiver = f"http://127.0.0.1:{receiver_port}"
+    llm = LlmServer(int(os.environ["LLM_PORT"]), TOKEN).start()
     with (
+        contextlib.ExitStack() as stop_llm,
         running(worker, env, tmp_path / "worker.log"),
         running([str(BIN / "integrations"), "metrics"], env, tmp_path / "exporter.log"),
         running([str(BIN / "integrations"), "receiver"], env, tmp_path / "receiver.log"),
     ):
+        stop_llm.callback(llm.server_close)
+        stop_llm.callback(llm.shutdown)
         wait_for(
             lambda: requests.get(exporter_url, timeout=2).ok, 60, "the exporter", tmp_path / "exporter.log"
         )
@@ -124,6 +132,11 @@ def test_the_counters_scraped_during_a_real_run_match_the_ledger(tmp_path: Path,
             .join(Job, Job.id == JobAttempt.job_id).where(Job.id.in_(ids))
             .group_by(Job.service, JobAttempt.outcome, JobAttempt.status_code)
         ).all()  # fmt: skip
+        used = conn.execute(
+            select(func.sum(Job.input_tokens), func.sum(Job.output_tokens)).where(
+                Job.id.in_(ids), Job.service == "llm_openai"
+            )
+        ).one()
         stored = conn.execute(
             select(func.count()).select_from(Event).where(Event.payload["run"].as_string() == run)
         ).scalar_one()
@@ -138,8 +151,8 @@ def test_the_counters_scraped_during_a_real_run_match_the_ledger(tmp_path: Path,
         assert (
             metrics.value(scraped, "integrations_job_seconds_count", service=service, outcome=status) == count
         )
-    for service in ("stub", "stub_global"):
-        submitted = sum(1 for s, _ in plan if s == service)
+    for service in ("stub", "stub_global", "llm_openai"):
+        submitted = sum(1 for s, *_ in plan if s == service)
         assert metrics.value(scraped, "integrations_jobs_submitted_total", service=service) == submitted
     assert metrics.value(scraped, "integrations_jobs_finished_total", service="stub", outcome="failed") == 2
     # Attempts by outcome and upstream status code, retries, as the ledger's attempt rows say.
@@ -181,6 +194,16 @@ def test_the_counters_scraped_during_a_real_run_match_the_ledger(tmp_path: Path,
     )
     assert (
         metrics.value(scraped, "integrations_limiter_wait_seconds_count", service="stub_global") == deferred
+    )
+    # The LLM's tokens, as the jobs recorded them.
+    assert len(llm.hits) == 2 and used[0] and used[1]
+    assert (
+        metrics.value(scraped, "integrations_llm_tokens_total", service="llm_openai", direction="input")
+        == used[0]
+    )
+    assert (
+        metrics.value(scraped, "integrations_llm_tokens_total", service="llm_openai", direction="output")
+        == used[1]
     )
     # The state read from elsewhere: nothing open for these services, the broker's queue empty,
     # every breaker closed, each source read.
