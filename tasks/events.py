@@ -123,5 +123,5 @@ def requeue_stuck_events() -> int:
     for handling_id in handling_ids:
         run_handler.delay(handling_id)
     if event_ids or handling_ids:
-        log.warning("re-queued %d events and %d handlings", len(event_ids), len(handling_ids))
+        log.info("re-queued %d events and %d handlings", len(event_ids), len(handling_ids))
     return len(event_ids) + len(handling_ids)

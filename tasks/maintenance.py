@@ -45,7 +45,7 @@ def requeue_stuck_jobs() -> int:
         if service in services:
             republish(service, job_id, agent)
     if found:
-        log.warning("re-queued %d stuck jobs", len(found))
+        log.info("re-queued %d stuck jobs", len(found))
     return len(found)
 
 

@@ -37,7 +37,7 @@ def serve() -> None:
     for src in sources.values():
         _ = src.secrets  # a secret not set here stops the receiver now, in one line naming it
     if sources:
-        log.warning("receiving webhooks at /webhooks/{%s}", ",".join(sorted(sources)))
+        log.info("receiving webhooks at /webhooks/{%s}", ",".join(sorted(sources)))
     else:
         log.warning("no webhook sources: add a webhooks: section to %s", s.services_file)
     uvicorn.run(
