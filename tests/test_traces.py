@@ -4,22 +4,33 @@ parked in the ledger; the upstream receives a ``traceparent`` of that trace."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
+from asgi_server import serve
+from conftest import GH_SECRET
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from stub import Reply, Stub
 
 from integrations import jobs
+from integrations.config import get_settings, get_webhooks
 from integrations.ledger import jobs as ledger
 from integrations.ledger.models import utcnow
 from integrations.observability import traces
+from integrations.observability.asgi import ObservedReceiver
+from integrations.webhooks.receiver import create_app
 from tasks import call_service
+from tasks.events import publish_event
 from tasks.maintenance import dispatch_deferred
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -134,3 +145,47 @@ def test_with_tracing_off_nothing_is_made_and_nothing_is_sent(stub: Stub, key: s
     job_id, _ = jobs.enqueue("stub", "echo", {"key": key}, None, lambda *_: None)
     row = ledger.get_job(job_id)
     assert row is not None and row["trace_context"] is None
+
+
+def test_a_webhook_is_one_trace_from_its_receipt_to_its_handler(spans: InMemorySpanExporter) -> None:
+    # The receiver as `integrations receiver` wraps it, in this process, publishing to the worker.
+    sources = get_webhooks()
+    app = create_app(sources, publish_event, get_settings().webhook_max_body_bytes)
+    app.add_middleware(ObservedReceiver, sources=list(sources))
+    body = json.dumps({"ref": "refs/heads/main"}).encode()
+    headers = {
+        "X-Hub-Signature-256": "sha256=" + hmac.new(GH_SECRET.encode(), body, hashlib.sha256).hexdigest(),
+        "X-GitHub-Event": "push",
+        "X-GitHub-Delivery": str(uuid.uuid4()),
+        "Content-Type": "application/json",
+    }
+    with serve(app) as url:
+        r = requests.post(f"{url}/webhooks/gh", data=body, headers=headers, timeout=10)
+    assert r.status_code == 202
+
+    def handled() -> list[ReadableSpan]:
+        done = spans.get_finished_spans()
+        receive = [s for s in done if s.name == "webhook.receive" and s.attributes and s.attributes.get(
+            "http.response.status_code") == 202]  # fmt: skip
+        ours = [s for s in done if receive and s.context.trace_id == receive[-1].context.trace_id]
+        return ours if any(s.name == "run/integrations.run_handler" for s in ours) else []
+
+    deadline = time.monotonic() + 20
+    while not (found := handled()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    by_id = {s.context.span_id: s for s in found}
+    handler = next(s for s in found if s.name == "event.handler")
+    assert handler.attributes is not None
+    assert handler.attributes["event.handler"] == "handlers_for_tests.on_anything_from_github"
+    chain = _ancestors(handler, by_id)
+    wanted = [
+        "run/integrations.run_handler",
+        "apply_async/integrations.run_handler",
+        "run/integrations.dispatch_event",
+        "apply_async/integrations.dispatch_event",
+        "webhook.receive",
+    ]
+    # In that order. FastAPI's own spans, when it makes them, sit between the receipt and the
+    # publish; above the receipt, the sender's request when it sent a traceparent (this test's
+    # requests call is instrumented).
+    assert [name for name in chain if name in wanted] == wanted, chain
