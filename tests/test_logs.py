@@ -5,6 +5,7 @@ sweepers quiet at INFO while they find nothing to do."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from procs import BIN, cli, env_with, running, wait_for
 from stub import Reply, Stub
 from test_processes import signed_github_delivery
 
-from integrations import jobs
+from integrations import jobs, redact
 from integrations.ledger import jobs as ledger
 from integrations.ledger.models import utcnow
+from integrations.observability.logs import JsonFormatter
 
 
 def _worker(name: str, level: str, *extra: str) -> list[str]:
@@ -150,3 +152,15 @@ def test_beats_dispatchers_and_sweepers_are_quiet_at_info_until_they_move_someth
         wait_for(lambda: "queued 1 deferred jobs whose time has come" in log.read_text(), 60, "the move", log)
         wait_for(lambda: f"job {job_id} succeeded after 1 attempt" in log.read_text(), 30, "the job", log)
     assert any("dispatch_deferred" in line and "succeeded" in line for line in log.read_text().splitlines())
+
+
+def test_a_json_line_masks_a_credential_in_its_fields_as_in_its_message() -> None:
+    redact.register(TOKEN)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "calling with %s", (TOKEN,), None)
+    record.fields = {"url": f"https://example.com/?api_key={TOKEN}", "nested": {"token": TOKEN}}
+    line = JsonFormatter().format(record)
+    assert TOKEN not in line
+    parsed = json.loads(line)
+    assert parsed["message"] == "calling with [REDACTED]"
+    assert parsed["url"] == "https://example.com/?api_key=[REDACTED]"
+    assert parsed["nested"] == {"token": "[REDACTED]"}

@@ -10,8 +10,8 @@ The standard library's logging, with two formatters:
   already reads ``job <id> attempt 2 of stub.echo: 503 in 12.3 ms (TransientError)``.
 
 Redaction (:mod:`integrations.redact`) happens when a record is made, by the record factory;
-:class:`JsonFormatter` redacts what it adds besides the message (the fields, an exception),
-so a JSON line holds no more than a text line would.
+:class:`JsonFormatter` redacts its whole line once more, so what it adds besides the message
+(the fields, an exception) is masked too.
 
 :class:`QuietHousekeeping` puts Celery's own lines about beat's dispatchers and sweepers at
 DEBUG when they found nothing to do (a task that returned 0), and the lines that only say they
@@ -37,18 +37,6 @@ TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)
 FIELDS = "fields"
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact.redact(value)
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    return redact.redact(str(value))
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per record. ``context()`` adds fields of the moment (the Celery task)."""
 
@@ -69,14 +57,21 @@ class JsonFormatter(logging.Formatter):
             out.update(self._context())
         fields = getattr(record, FIELDS, None)
         if isinstance(fields, Mapping):
-            out.update(_clean(fields))
+            out.update(fields)
         if record.exc_info and not record.exc_text:
-            record.exc_text = redact.redact(self.formatException(record.exc_info))
+            record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             out["exception"] = record.exc_text
         if record.stack_info:
             out["stack"] = record.stack_info
-        return json.dumps(out, ensure_ascii=False, default=str)
+        line = json.dumps(out, ensure_ascii=False, default=str)
+        if fields or record.exc_text or record.stack_info:
+            # Once over the whole line: what the fields and the exception add is masked too (the
+            # message was, when the record was made); a secret in its JSON-escaped form is one of
+            # the forms redact() knows, and the separators' spaces keep a URL-credential pattern
+            # from running across two fields.
+            line = redact.redact(line)
+        return line
 
 
 def formatter(fmt: str, context: Callable[[], Mapping[str, Any]] | None = None) -> logging.Formatter:

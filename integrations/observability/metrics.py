@@ -54,10 +54,17 @@ _checked = False
 _metrics: _Metrics | None = None
 
 
+_named: tuple[int, str | None, str] = (0, None, "")
+
+
 def _identity() -> str:
     """This process's part of its files' names: role, host, pid (no ``_``: prometheus_client
-    splits file names at it)."""
-    return f"{_role}.{_HOST}.{os.getpid()}"
+    splits file names at it). prometheus_client asks at every value recorded, to see a fork."""
+    global _named
+    pid = os.getpid()
+    if _named[0] != pid or _named[1] != _role:
+        _named = (pid, _role, f"{_role}.{_HOST}.{pid}")
+    return _named[2]
 
 
 def start(role: str) -> Path:
