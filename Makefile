@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Worker autoscaling range (max,min); the settings' WORKER_AUTOSCALE_MAX/MIN are the defaults.
 AUTOSCALE ?= $${WORKER_AUTOSCALE_MAX:-8},$${WORKER_AUTOSCALE_MIN:-2}
 
-.PHONY: install run receiver worker beat flower migrate test test-tools lint bench clean
+.PHONY: install run receiver metrics worker beat flower migrate test test-tools lint bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { echo "make: $(PYTHON) has no venv module: apt-get install python3-venv" >&2; exit 2; }
@@ -21,17 +21,26 @@ install: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/integrations migrate
 
-# The webhook receiver, a worker and beat in one command (Ctrl-C stops all three). Embedded
-# defaults: kombu's filesystem broker and SQLite under ./var; with BROKER_URL=redis://... and
-# DATABASE_URL=postgresql+psycopg://... the real stack.
+# Where the processes keep their metrics for the exporter (emptied by `make run` as it starts).
+METRICS_DIR = $${PROMETHEUS_MULTIPROC_DIR:-$${VAR_DIR:-var}/metrics}
+
+# The webhook receiver, the metrics exporter, a worker and beat in one command (Ctrl-C stops
+# them all). Embedded defaults: kombu's filesystem broker and SQLite under ./var; with
+# BROKER_URL=redis://... and DATABASE_URL=postgresql+psycopg://... the real stack.
 run: migrate
 	$(BIN)/integrations services
-	$(BIN)/integrations receiver & receiver=$$!; trap 'kill $$receiver 2>/dev/null' EXIT INT TERM; \
+	rm -f "$(METRICS_DIR)"/*.db
+	$(BIN)/integrations receiver & receiver=$$!; $(BIN)/integrations metrics & exporter=$$!; \
+	trap 'kill $$receiver $$exporter 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/celery -A tasks worker --beat --autoscale=$(AUTOSCALE) --loglevel=$${LOG_LEVEL:-INFO} \
 	    --schedule=$${VAR_DIR:-var}/celerybeat-schedule
 
 receiver: migrate
 	exec $(BIN)/integrations receiver
+
+# Prometheus metrics on METRICS_HOST:METRICS_PORT, beside the workers of this host.
+metrics: migrate
+	exec $(BIN)/integrations metrics
 
 worker: migrate
 	exec $(BIN)/celery -A tasks worker --autoscale=$(AUTOSCALE) --loglevel=$${LOG_LEVEL:-INFO}

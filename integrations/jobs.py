@@ -14,6 +14,7 @@ from integrations.config import get_settings
 from integrations.errors import InvalidParams, PermanentError, SubmitError, UnknownOperation, UnknownService
 from integrations.ledger.jobs import Claim
 from integrations.ledger.models import JobStatus
+from integrations.observability import journal, traces
 from integrations.services import Attempt, Operation, Outcome, Service, get_services
 from integrations.services.params import has_dropped
 
@@ -81,6 +82,7 @@ def prepare(service: str, operation: str, params: Any) -> dict[str, Any]:
     return clean
 
 
+@traces.spanned("job.submit")
 def enqueue(
     service: str,
     operation: str,
@@ -127,6 +129,7 @@ def enqueue(
             replay_of=replay_of,
             agent=agent,
             connection=connection,
+            trace_context=traces.carrier(),
         )
     except SQLAlchemyError as e:
         raise SubmitError(
@@ -140,6 +143,7 @@ def enqueue(
             reason = f"could not queue the job: broker unavailable ({type(e).__name__})"
             ledger.jobs.fail_unqueued(job_id, reason)
             raise SubmitError(f"{reason}; job {job_id} was not run") from e
+        journal.submitted(job_id, service, operation, agent)
     return job_id, created
 
 

@@ -5,6 +5,7 @@ agent=...)``; ``replay(job_id)`` submits a failed job again; ``publish_webhook.d
 data)`` (or ``publish_now``) sends an event to the subscribed endpoints.
 """
 
+from tasks import observe  # noqa: F401 (Celery signal wiring: logs, metrics, traces)
 from tasks.calls import call_service, replay
 from tasks.celeryapp import app
 from tasks.events import dispatch_event, requeue_stuck_events, run_handler

@@ -27,6 +27,7 @@ from integrations.ledger import jobs as ledger
 from integrations.ledger import spool
 from integrations.ledger.db import unreachable
 from integrations.ledger.models import TERMINAL, JobStatus, utcnow
+from integrations.observability import journal, traces
 from integrations.services import Outcome, Service, get_services
 from integrations.services.params import drop_write_only
 from integrations.ssrf import BlockedAddress
@@ -41,10 +42,20 @@ def publish(service: str, job_id: str, agent: str | None = None) -> None:
     """Put job ``job_id`` on the broker for ``service``'s task.
 
     The message carries the job id (and the agent, for its rate limit) only: parameters and
-    secrets stay in the ledger.
+    secrets stay in the ledger. When tracing, its headers carry the current trace context.
     """
     kwargs = {"agent": agent} if agent else {}
-    app.send_task(task_name(service), (job_id,), kwargs, task_id=job_id)
+    app.send_task(task_name(service), (job_id,), kwargs, task_id=job_id, headers=traces.carrier())
+
+
+def republish(service: str, job_id: str, agent: str | None = None) -> None:
+    """:func:`publish` for beat's dispatchers and sweepers: the job goes back into the trace it
+    was submitted in (kept in its row), not into the dispatcher's."""
+    if not traces.active():
+        publish(service, job_id, agent)
+        return
+    with traces.resumed(ledger.trace_contexts([job_id]).get(job_id)):
+        publish(service, job_id, agent)
 
 
 class CallService(Task):  # type: ignore[misc]
@@ -123,17 +134,17 @@ def run_job(
         self.request.kwargs.pop("slot", None)
         self.request.kwargs.pop("scope_slot", None)
     try:
-        claim = ledger.claim(job_id, liveness.node())
+        claim = _claim(job_id, liveness.node())
     except (SoftTimeLimitExceeded, SQLAlchemyError) as e:
         if isinstance(e, SQLAlchemyError) and not unreachable(e):
             raise
         # The ledger is away: nothing was claimed or called. Come back later rather than let
         # Celery store a failure the agent would take for the job's.
         log.warning("ledger away (%s): job %s deferred before its claim", type(e).__name__, job_id)
-        _defer(self, job_id, get_settings().defer_countdown_max, None, agent)
+        _defer(self, job_id, get_settings().defer_countdown_max, None, agent, cause="ledger")
     if claim is None and spool.flush(job_id):
         # Its last outcome was kept aside while the ledger was away; recorded now, try again.
-        claim = ledger.claim(job_id, liveness.node())
+        claim = _claim(job_id, liveness.node())
     if claim is None:
         # Already running elsewhere, or finished: a redelivered message. Store no result, so
         # the job's real result is not overwritten.
@@ -142,7 +153,8 @@ def run_job(
     _gate_claimed(self, svc, claim, granted, agent, scope_slot)
     started = utcnow()
     try:
-        out = jobs.perform(svc, claim, agent)
+        with traces.span("job.attempt", **{"job.id": job_id, "job.attempt": claim.attempt}):
+            out = jobs.perform(svc, claim, agent)
     except SoftTimeLimitExceeded:
         err: CallError = TransientError("the call ran past the task's time limit")
     except CallError as e:
@@ -157,6 +169,7 @@ def run_job(
             error=f"internal error ({type(e).__name__})",
             response_excerpt=None,
         )
+        journal.attempted(claim, agent, JobStatus.FAILED, None, None, e)
         log.error("job %s: internal error", job_id, exc_info=True)
         # Not chained: the cause's text may hold a request's URL.
         raise PermanentError(f"internal error ({type(e).__name__})") from None
@@ -173,6 +186,8 @@ def run_job(
             input_tokens=out.usage.input_tokens if out.usage else None,
             output_tokens=out.usage.output_tokens if out.usage else None,
         )
+        tokens = (out.usage.input_tokens, out.usage.output_tokens) if out.usage else (None, None)
+        journal.attempted(claim, agent, JobStatus.SUCCEEDED, out.status_code, out.latency_ms, None, tokens)
         _observe(svc, out, None, claim)
         # Key order matters: see _RESULT_REPR_MAX.
         return {
@@ -194,9 +209,10 @@ def run_job(
         err.args = (masked,)
     will_retry = err.retryable and self.request.retries < self.max_retries
     wait = err.retry_after if isinstance(err, RateLimited) else None
+    status = JobStatus.RETRYING if will_retry else JobStatus.FAILED
     _record(
         claim,
-        status=JobStatus.RETRYING if will_retry else JobStatus.FAILED,
+        status=status,
         started_at=started,
         status_code=err.status_code,
         latency_ms=err.latency_ms,
@@ -205,6 +221,7 @@ def run_job(
         next_attempt_at=started + dt.timedelta(seconds=wait) if will_retry and wait is not None else None,
         meta=err.meta,
     )
+    journal.attempted(claim, agent, status, err.status_code, err.latency_ms, err, retry_in=wait)
     _observe(svc, None, err, claim)
     # Celery stores and emits the exception with its traceback (result backend, task events):
     # our message is clean, but a chained cause (urllib3's, with the URL) may not be.
@@ -215,6 +232,10 @@ def run_job(
     raise err  # autoretry_for retries TransientError with the service's backoff; others fail
 
 
+_claim = traces.spanned("job.claim")(ledger.claim)
+
+
+@traces.spanned("job.record")
 def _record(claim: ledger.Claim, **fields: Any) -> None:
     """Record an attempt's outcome; if the ledger stays away past the task's time (the retried
     write is cut by the soft time limit) or past LEDGER_RETRY_FOR, keep it aside
@@ -250,6 +271,7 @@ def _drop_content(claim: ledger.Claim) -> None:
             ledger.keep_params(claim.job_id, params)
 
 
+@traces.spanned("job.limiter")
 def _gate(task: Task, svc: Service, job_id: str, slot: int | None, agent: str | None) -> float | None:
     """Defer the job (raising Ignore) while the breaker is open, the service is paused, or
     the global rate limits have no slot for it now. Returns when (``time.monotonic()``) a
@@ -258,13 +280,14 @@ def _gate(task: Task, svc: Service, job_id: str, slot: int | None, agent: str | 
     if gate.transition:
         ledger.record_breaker_event(svc.name, gate.transition, "reset timeout passed: one probe call")
     if gate.wait > 0:
-        _defer(task, job_id, gate.wait, None, agent)
+        _defer(task, job_id, gate.wait, None, agent, cause="breaker")
     if slot is not None:
         decision = coordination.on_time(svc, slot, agent)
     else:
         decision = coordination.acquire(svc, get_settings().defer_countdown_max, agent)
+    journal.limited(svc.name, decision.limited, decision.wait > 0)
     if decision.wait > 0:
-        _defer(task, job_id, decision.wait, decision.slot, agent)
+        _defer(task, job_id, decision.wait, decision.slot, agent, cause=_cause(decision))
     return time.monotonic() if decision.limited else None
 
 
@@ -291,20 +314,35 @@ def _gate_claimed(
     else:
         reserve = get_settings().defer_countdown_max
         decision = coordination.acquire(svc, reserve, agent, scopes, include_service=stale)
+    journal.limited(svc.name, decision.limited, decision.wait > 0)
     if decision.wait > 0:
         if not ledger.release(claim):
             raise Ignore()  # the claim is no longer this run's to give back or to use
-        _defer(task, claim.job_id, decision.wait, None, agent, scope_slot=decision.slot)
+        _defer(
+            task, claim.job_id, decision.wait, None, agent, scope_slot=decision.slot, cause=_cause(decision)
+        )
+
+
+def _cause(decision: coordination.Decision) -> str:
+    return "pause" if decision.paused else "limit"
 
 
 def _defer(
-    task: Task, job_id: str, wait: float, slot: int | None, agent: str | None, scope_slot: int | None = None
+    task: Task,
+    job_id: str,
+    wait: float,
+    slot: int | None,
+    agent: str | None,
+    scope_slot: int | None = None,
+    *,
+    cause: str,
 ) -> None:
     """Run the job again in ``wait`` seconds without charging an attempt: a broker countdown
     when short, else parked in the ledger for beat's dispatcher (a long countdown on Redis
     would outlive the visibility timeout and be delivered twice). ``slot``: the rate-limit slot
-    kept for that run."""
+    kept for that run. ``cause`` (limit, pause, breaker, ledger) goes to the logs and metrics."""
     settings = get_settings()
+    journal.deferred(task.service_name, job_id, agent, wait, cause, wait > settings.defer_countdown_max)
     if wait <= settings.defer_countdown_max:
         kwargs: dict[str, Any] = {}
         if slot is not None:
@@ -336,6 +374,7 @@ def _feed(svc: Service, out: Outcome | None, err: CallError | None, claim: ledge
     pause = out.pause if out is not None else err.pause if err is not None else None
     if pause:
         coordination.pause(svc.name, min(pause, svc.retry.retry_after_max), err.scope if err else None)
+        journal.paused(svc.name, err.scope if err else None)
     op = svc.operation(claim.operation)
     if out is not None and op is not None:
         for scope, cost in svc.settle(op, claim.params, out):

@@ -69,6 +69,13 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from tasks.observe import serve_exporter
+
+    serve_exporter()
+    return 0
+
+
 def cmd_mcp(args: argparse.Namespace) -> int:
     from tasks.tools import serve_mcp
 
@@ -127,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("receiver", help="serve the webhook receiver on RECEIVER_HOST:RECEIVER_PORT").set_defaults(
         func=cmd_receiver
     )
+    sub.add_parser(
+        "metrics", help="serve Prometheus metrics on METRICS_HOST:METRICS_PORT (beside the workers)"
+    ).set_defaults(func=cmd_metrics)
     m = sub.add_parser("mcp", help="serve the MCP server on stdio, or over Streamable HTTP with --http")
     m.add_argument("--http", action="store_true", help="Streamable HTTP on MCP_HOST:MCP_PORT (bearer tokens)")
     m.add_argument("--agent", help="stdio: the agent this server acts for (its tool set and rate limits)")
@@ -140,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from tasks.observe import cli_logging
+
+    cli_logging()
     return cli.run(build_parser(), argv)
 
 

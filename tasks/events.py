@@ -20,6 +20,7 @@ from integrations.auth import tokens
 from integrations.config import get_settings
 from integrations.ledger import events as ledger
 from integrations.ledger.models import HandlingStatus, utcnow
+from integrations.observability import traces
 from tasks.celeryapp import app
 
 log = get_task_logger(__name__)
@@ -89,7 +90,8 @@ def run_handler(self, handling_id: int) -> None:  # type: ignore[no-untyped-def]
         ledger.finish_handling(handling_id, HandlingStatus.FAILED, "handler is not registered in this worker")
         return
     try:
-        fn(claim.event)
+        with traces.span("event.handler", **{"event.handler": claim.handler, "event.id": claim.event.id}):
+            fn(claim.event)
     except Exception as e:
         # Counted in the ledger, not by Celery: a handling re-queued by the sweeper starts
         # Celery's count again, and must still stop after its tries.
@@ -126,5 +128,5 @@ def requeue_stuck_events() -> int:
     for handling_id in handling_ids:
         run_handler.delay(handling_id)
     if event_ids or handling_ids:
-        log.warning("re-queued %d events and %d handlings", len(event_ids), len(handling_ids))
+        log.info("re-queued %d events and %d handlings", len(event_ids), len(handling_ids))
     return len(event_ids) + len(handling_ids)

@@ -8,6 +8,7 @@ from celery.utils.log import get_task_logger
 
 from integrations import inbox
 from integrations.config import get_mailboxes
+from integrations.observability import metrics
 from tasks.celeryapp import app
 from tasks.events import publish_event
 
@@ -25,7 +26,14 @@ def poll_mailbox(mailbox_name: str) -> dict[str, Any] | None:
     if box is None or not box.enabled:
         log.warning("no enabled mailbox named %s", mailbox_name)
         return None
-    result = inbox.poll(box, publish_event)
+    try:
+        result = inbox.poll(box, publish_event)
+    except Exception:
+        metrics.mailbox_polled(mailbox_name, "error")
+        raise
+    metrics.mailbox_polled(
+        mailbox_name, "skipped" if result.skipped else "ok", result.dispatched, result.duplicates
+    )
     if result.dispatched or result.duplicates:
         log.info(
             "mailbox %s: %d new messages dispatched, %d already stored",

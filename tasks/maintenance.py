@@ -13,7 +13,7 @@ from integrations.ledger import jobs as ledger
 from integrations.ledger import spool
 from integrations.ledger.models import utcnow
 from integrations.services import get_services
-from tasks.calls import publish
+from tasks.calls import republish
 from tasks.celeryapp import app
 
 log = get_task_logger(__name__)
@@ -49,7 +49,7 @@ def requeue_stuck_jobs() -> int:
     services = get_services()
     for job_id, service, agent in found:
         if service in services:
-            publish(service, job_id, agent)
+            republish(service, job_id, agent)
     # Their jobs are back on the broker: forget the nodes (one still named by a running job
     # whose attempt has time left is found again through the ledger next time).
     liveness.forget(lost_nodes)
@@ -58,7 +58,7 @@ def requeue_stuck_jobs() -> int:
             "worker nodes lost: %s; %d of their jobs re-queued", ", ".join(sorted(lost_nodes)), len(of_lost)
         )
     if len(found) > len(of_lost):
-        log.warning("re-queued %d stuck jobs", len(found) - len(of_lost))
+        log.info("re-queued %d stuck jobs", len(found) - len(of_lost))
     return len(found)
 
 
@@ -92,7 +92,9 @@ def dispatch_deferred() -> int:
     services = get_services()
     for job_id, service, agent in due:
         if service in services:
-            publish(service, job_id, agent)
+            republish(service, job_id, agent)
+    if due:
+        log.info("queued %d deferred jobs whose time has come", len(due))
     return len(due)
 
 

@@ -11,35 +11,38 @@ import logging
 
 from fastapi import FastAPI
 
-from integrations import redact
 from integrations.auth import keys
 from integrations.auth.callback import add_callback
 from integrations.config import get_settings, get_webhooks
+from integrations.observability import logs
 from integrations.services import get_services
 from integrations.webhooks.receiver import create_app
+from tasks import observe
 from tasks.events import publish_event
 
 log = logging.getLogger("integrations.webhooks.receiver")
 
 
 def app_from_settings() -> FastAPI:
-    """The receiver as the settings and the services file describe it."""
-    app = create_app(get_webhooks(), publish_event, get_settings().webhook_max_body_bytes)
+    """The receiver as the settings and the services file describe it, with its OAuth callback,
+    observed (its ``/metrics``, a count and a span per webhook)."""
+    sources = get_webhooks()
+    app = create_app(sources, publish_event, get_settings().webhook_max_body_bytes)
     add_callback(app)
-    return app
+    return observe.receiver(app, sources)
 
 
 def serve() -> None:
     import uvicorn
 
-    redact.install()
     s = get_settings()
     keys.require_for(get_services().values())  # the callback stores tokens
+    logs.setup(s.log_level, s.log_format)
     sources = get_webhooks()
     for src in sources.values():
         _ = src.secrets  # a secret not set here stops the receiver now, in one line naming it
     if sources:
-        log.warning("receiving webhooks at /webhooks/{%s}", ",".join(sorted(sources)))
+        log.info("receiving webhooks at /webhooks/{%s}", ",".join(sorted(sources)))
     else:
         log.warning("no webhook sources: add a webhooks: section to %s", s.services_file)
     uvicorn.run(
@@ -48,4 +51,6 @@ def serve() -> None:
         port=s.receiver_port,
         log_level=s.log_level.lower(),
         access_log=False,
+        # uvicorn's loggers go through the handler set up above (LOG_FORMAT), not its own.
+        log_config=None,
     )

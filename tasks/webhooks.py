@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.utils.log import get_task_logger
+
+from integrations.observability import metrics
 from integrations.webhooks import outgoing
 from tasks.celeryapp import app
+
+log = get_task_logger(__name__)
 
 
 @app.task(name="integrations.publish_webhook")
@@ -23,7 +28,10 @@ def publish_webhook(event_type: str, data: Any) -> list[str]:
 
 @app.task(name="integrations.deliver_webhook", ignore_result=True)
 def deliver_webhook(delivery_id: str) -> str | None:
-    return outgoing.attempt(delivery_id)
+    status = outgoing.attempt(delivery_id)
+    # None: not due, or taken by another worker; pending: failed, tried again later.
+    metrics.delivery_tried("skipped" if status is None else "retrying" if status == "pending" else status)
+    return status
 
 
 @app.task(name="integrations.dispatch_deliveries", ignore_result=True)
@@ -31,6 +39,8 @@ def dispatch_deliveries() -> int:
     due = outgoing.due_now()
     for delivery_id in due:
         deliver_webhook.delay(delivery_id)
+    if due:
+        log.info("queued %d deliveries due for a try", len(due))
     return len(due)
 
 

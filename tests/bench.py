@@ -78,11 +78,14 @@ def start_upstream(port: int, *tls: Path) -> subprocess.Popen[bytes]:
 
 def prepare_database() -> None:
     from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
 
+    # The database BENCH_DATABASE_URL names, so two benches on one server keep apart.
+    name = make_url(PG).database or "bench"
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS bench WITH (FORCE)"))
-        conn.execute(text("CREATE DATABASE bench"))
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     from integrations.ledger.migrate import upgrade
 

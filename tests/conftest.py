@@ -177,6 +177,8 @@ os.environ.update(
     OAUTH_GITHUB_KEY=OAUTH_GITHUB_KEY,
     INTEGRATIONS_KEYS=INTEGRATIONS_KEY,
     OAUTH_REDIRECT_URL=f"http://127.0.0.1:{free_port()}/oauth/callback",
+    # The metrics exporter `make run` starts (issue 15), on a port of this run's own.
+    METRICS_PORT=str(free_port()),
 )
 for _name in (
     "VAR_DIR",

@@ -142,6 +142,24 @@ class Settings(BaseSettings):
     #: ``Host`` values the HTTP transport answers besides ``MCP_HOST`` and loopback, comma-separated.
     mcp_allowed_hosts: str = ""
 
+    # --- Observability (issue 15): metrics, logs, traces ---
+    #: ``json``: one JSON object per log line (every process: worker, beat, receiver, CLI,
+    #: exporter); ``text``: readable lines.
+    log_format: Literal["text", "json"] = "text"
+    #: Where ``integrations metrics`` (the exporter beside the workers) serves ``/metrics``.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9808, ge=1, le=65535)
+    #: The exporter reads the ledger, the breakers and the broker at most this often.
+    metrics_cache_seconds: float = Field(5, ge=0, le=300)
+    #: Give job counters an ``agent`` label. Off by default: agents may be many.
+    metrics_agent_labels: bool = False
+    #: Where processes keep their metrics for the exporter (prometheus_client's multiprocess
+    #: files). Default: ``VAR_DIR/metrics``, made owner-only.
+    prometheus_multiproc_dir: Path | None = None
+    #: OTLP export of traces when set (the OpenTelemetry SDK reads the rest of ``OTEL_*``).
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_traces_endpoint: str | None = None
+
     @field_validator("oauth_redirect_url")
     @classmethod
     def _redirect_url(cls, v: str | None) -> str | None:
@@ -156,6 +174,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -225,6 +248,14 @@ class Settings(BaseSettings):
             return tuple(ip_network(n.strip()) for n in self.webhook_allowed_networks.split(",") if n.strip())
         except ValueError:
             raise ValueError("WEBHOOK_ALLOWED_NETWORKS must be comma-separated networks (CIDR)") from None
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.prometheus_multiproc_dir or self.var_dir / "metrics"
+
+    @property
+    def tracing_configured(self) -> bool:
+        return bool(self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint)
 
     @property
     def is_sqlite(self) -> bool:

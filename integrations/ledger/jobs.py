@@ -41,6 +41,8 @@ class Claim:
     attempt: int
     #: The end user's connection the job acts for (kept on its row, never on the broker).
     connection: str | None = None
+    #: When the job was submitted (the metrics' submit-to-outcome time).
+    created_at: dt.datetime | None = None
 
 
 def create_job(
@@ -51,6 +53,7 @@ def create_job(
     replay_of: str | None = None,
     agent: str | None = None,
     connection: str | None = None,
+    trace_context: dict[str, str] | None = None,
 ) -> tuple[str, bool]:
     """Insert a queued job; return ``(job_id, created)``.
 
@@ -68,6 +71,7 @@ def create_job(
         "replay_of": replay_of,
         "agent": agent,
         "connection": connection,
+        "trace_context": trace_context,
         "status": JobStatus.QUEUED,
         "attempts": 0,
         "created_at": now,
@@ -122,7 +126,9 @@ _CLAIM = (
         updated_at=bindparam("b_now", type_=UTCDateTime),
         node=bindparam("b_node"),
     )
-    .returning(jobs.c.service, jobs.c.operation, jobs.c.params, jobs.c.attempts, jobs.c.connection)
+    .returning(
+        jobs.c.service, jobs.c.operation, jobs.c.params, jobs.c.attempts, jobs.c.connection, jobs.c.created_at
+    )
 )
 _ADD_ATTEMPT = insert(attempts).values(
     job_id=bindparam("b_job_id"),
@@ -170,7 +176,15 @@ def claim(job_id: str, node: str | None = None) -> Claim | None:
         row = conn.execute(_CLAIM, {"b_job_id": job_id, "b_now": utcnow(), "b_node": node}).first()
     if row is None:
         return None
-    return Claim(job_id, row.service, row.operation, row.params, row.attempts, row.connection)
+    return Claim(
+        job_id,
+        row.service,
+        row.operation,
+        row.params,
+        row.attempts,
+        connection=row.connection,
+        created_at=row.created_at,
+    )
 
 
 @retried
@@ -605,3 +619,42 @@ def health(service: str) -> dict[str, Any]:
         "last_error_at": failed["checked_at"] if failed else None,
         "last_success_at": passed["checked_at"] if passed else None,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Open jobs and trace contexts (issue 15: the metrics exporter, beat's re-queueing)
+# --------------------------------------------------------------------------------------------
+
+OPEN = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.RETRYING, JobStatus.DEFERRED)
+
+
+def open_jobs(now: dt.datetime | None = None) -> dict[tuple[str, str], tuple[int, float]]:
+    """``(service, status) -> (jobs, seconds since the oldest of them last moved)`` for the jobs
+    not settled yet, in one grouped query (the status index finds them; settled jobs, the
+    bulk of a ledger, are not read)."""
+    now = now or utcnow()
+    q = (
+        select(jobs.c.service, jobs.c.status, func.count(), func.min(jobs.c.updated_at))
+        .where(jobs.c.status.in_(OPEN))
+        .group_by(jobs.c.service, jobs.c.status)
+    )
+    with get_engine().connect() as conn:
+        rows = conn.execute(q).all()
+    out: dict[tuple[str, str], tuple[int, float]] = {}
+    for service, status, count, oldest in rows:  # min() keeps the column's type: aware UTC
+        age = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+        out[(service, str(status))] = (int(count), age)
+    return out
+
+
+def trace_contexts(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """The trace context each of ``job_ids`` was submitted in (those that have one)."""
+    if not job_ids:
+        return {}
+    with get_engine().connect() as conn:
+        rows = conn.execute(
+            select(jobs.c.id, jobs.c.trace_context).where(
+                jobs.c.id.in_(job_ids), jobs.c.trace_context.is_not(None)
+            )
+        ).all()
+    return {job_id: dict(ctx) for job_id, ctx in rows if isinstance(ctx, dict)}

@@ -112,6 +112,9 @@ class Job(Base):
     #: The worker node (one run of it) that claimed the job, while it runs: when that node is
     #: lost, the sweeper publishes the job again without waiting for STUCK_AFTER.
     node: Mapped[str | None] = mapped_column(String(200))
+    #: The trace the job was submitted in (W3C ``traceparent``/``tracestate``), so beat's
+    #: dispatchers re-queue it into the same trace. ``None`` when its submitter did not trace.
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSON)
 
 
 class BreakerEvent(Base):
