@@ -137,7 +137,16 @@ def test_stats_prints_the_median_and_95th_percentile_of_the_jobs_latencies(stub:
     out = cli("stats")
     assert out.returncode == 0, out.stderr
     header = out.stdout.splitlines()[0].split()
-    assert header[:8] == ["SERVICE", "OPERATION", "COUNT", "SUCCEEDED", "FAILED", "SUCCESS", "P50_MS", "P95_MS"]
+    assert header[:8] == [
+        "SERVICE",
+        "OPERATION",
+        "COUNT",
+        "SUCCEEDED",
+        "FAILED",
+        "SUCCESS",
+        "P50_MS",
+        "P95_MS",
+    ]
     row = next(line.split() for line in out.stdout.splitlines() if line.startswith("stub_stats "))
     assert row[:6] == ["stub_stats", "echo", "20", "20", "0", "100%"]
     p50, p95 = float(row[6]), float(row[7])
