@@ -1,0 +1,20 @@
+"""Spans of time as operators write them: ``90s``, ``30m``, ``1h``, ``7d``, ``2w``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``"30m"`` as 30 minutes: a positive number and one unit (s, m, h, d or w).
+
+    Raises ``ValueError`` naming the accepted form.
+    """
+    m = _DURATION.fullmatch(text)
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError("must be a positive number and a unit: s, m, h, d or w (e.g. 30m, 7d)")
+    return dt.timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2).lower()])
