@@ -166,6 +166,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from integrations.config.durations import format_duration
+    from integrations.ledger import retention
+
+    done = retention.prune(args.older_than, batch=args.batch)
+    what = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in done.counts.items())
+    print(
+        f"deleted {what} older than {format_duration(args.older_than)} "
+        f"({done.batches} batches, the longest {done.longest_batch:.2f} s)"
+    )
+    return 0
+
+
 def cmd_services(args: argparse.Namespace) -> int:
     from integrations.config import get_mailboxes, get_settings, get_webhooks
     from integrations.services import get_services
@@ -387,6 +400,12 @@ def add_commands(sub: Any) -> None:
         "--since", type=duration, help="count the checks of this last span only (default: all kept)"
     )
     he.set_defaults(func=cmd_health)
+    pr = sub.add_parser(
+        "prune", help="delete finished jobs, events, deliveries (and what hangs on them) older than a span"
+    )
+    pr.add_argument("--older-than", type=duration, required=True, help="e.g. 30d")
+    pr.add_argument("--batch", type=positive(int), default=1000, help="rows per transaction (default 1000)")
+    pr.set_defaults(func=cmd_prune)
     sub.add_parser(
         "services", help="validate the services file and list services, webhook sources and mailboxes"
     ).set_defaults(func=cmd_services)

@@ -9,7 +9,7 @@ from tasks.calls import call_service, replay
 from tasks.celeryapp import app
 from tasks.events import dispatch_event, requeue_stuck_events, run_handler
 from tasks.inbox import poll_mailbox
-from tasks.maintenance import dispatch_deferred, health_check, requeue_stuck_jobs
+from tasks.maintenance import dispatch_deferred, health_check, prune_ledger, requeue_stuck_jobs
 from tasks.webhooks import deliver_webhook, dispatch_deliveries, publish_now, publish_webhook
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "dispatch_event",
     "health_check",
     "poll_mailbox",
+    "prune_ledger",
     "publish_now",
     "publish_webhook",
     "replay",

@@ -18,3 +18,12 @@ def parse_duration(text: str) -> dt.timedelta:
     if m is None or float(m.group(1)) <= 0:
         raise ValueError("must be a positive number and a unit: s, m, h, d or w (e.g. 30m, 7d)")
     return dt.timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_duration(span: dt.timedelta) -> str:
+    """``span`` in the largest unit that divides it: ``30d``, ``90m``, ``45s``."""
+    seconds = span.total_seconds()
+    for unit in ("d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"

@@ -3,22 +3,31 @@ Postgres; every error names the setting, never its value."""
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import os
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from integrations import redact
+from integrations.config.durations import parse_duration
 from integrations.config.secrets import read_secret_file
 from integrations.errors import ConfigError
 
 #: Settings that may hold a secret can also be read from a file named by ``NAME_FILE``.
 FILE_SETTINGS = ("BROKER_URL", "RESULT_BACKEND", "DATABASE_URL", "FLOWER_PASSWORD", "COORDINATION_URL")
+
+
+def _duration(v: Any) -> Any:
+    """``LEDGER_RETENTION=30d``: an operator's span of time; empty means none."""
+    if isinstance(v, str):
+        return parse_duration(v) if v.strip() else None
+    return v
 
 
 class Settings(BaseSettings):
@@ -58,6 +67,9 @@ class Settings(BaseSettings):
     #: How long ``integrations migrate`` waits for the database to accept connections (a
     #: container started beside it, a restart) before it fails.
     migrate_wait: float = Field(60, ge=0, le=3600)
+    #: Finished jobs, events, deliveries (and what hangs on them) older than this (``30d``) are
+    #: pruned by beat every hour; unset, the ledger keeps everything (``integrations prune``).
+    ledger_retention: Annotated[dt.timedelta | None, BeforeValidator(_duration)] = None
 
     #: The level every process logs at (``make run``, worker, beat, receiver).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
