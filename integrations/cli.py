@@ -397,7 +397,7 @@ def add_commands(sub: Any) -> None:
         "health", help="per service: last health check, latency, breaker, last error and success, pass rate"
     )
     he.add_argument(
-        "--since", type=duration, help="count the checks of this last span only (default: all kept)"
+        "--since", type=duration, default=duration("24h"), help="count the checks of this last span (24h)"
     )
     he.set_defaults(func=cmd_health)
     pr = sub.add_parser(

@@ -193,6 +193,7 @@ def test_health_shows_the_latest_check_the_last_error_and_the_pass_rate_of_a_win
         (ago(minutes=30), False, 500, "HTTP 500 boom"),
         (ago(hours=2), True, 200, None),
         (ago(hours=3), False, 503, "HTTP 503 Service Unavailable"),
+        (ago(days=2), True, 200, None),  # before the default window of 24 h
     ]
     rows = [
         {
@@ -220,7 +221,7 @@ def test_health_shows_the_latest_check_the_last_error_and_the_pass_rate_of_a_win
     assert lines[0].split()[-2:] == ["CHECKS", "PASSED"]
     shown = {line.split()[0]: line.split() for line in lines[1:] if " last error at " not in line}
     health, op = shown["stub_health"], shown["stub_health_op"]
-    assert health[1:4] == ["healthy", "200", "12.5"] and health[-2:] == ["5", "60%"]
+    assert health[1:4] == ["healthy", "200", "12.5"] and health[-2:] == ["5", "60%"]  # the last 24 h
     assert op[1:4] == ["unhealthy", "-", "-"] and op[-2:] == ["1", "0%"]
     assert f"stub_health: last error at {ago(minutes=30):%Y-%m-%d %H:%M:%S}: HTTP 500 boom" in lines
     assert f"stub_health_op: last error at {ago(minutes=2):%Y-%m-%d %H:%M:%S}: ConnectError: refused" in lines
@@ -231,6 +232,9 @@ def test_health_shows_the_latest_check_the_last_error_and_the_pass_rate_of_a_win
     hour = cli("health", "--since", "1h", env=env)
     row = next(line.split() for line in hour.stdout.splitlines() if line.startswith("stub_health "))
     assert row[-2:] == ["3", "67%"]
+    two = cli("health", "--since", "150m", env=env)
+    row = next(line.split() for line in two.stdout.splitlines() if line.startswith("stub_health "))
+    assert row[-2:] == ["4", "75%"]
 
 
 # ------------------------------------------------------------------------------------------------
