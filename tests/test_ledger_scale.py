@@ -170,6 +170,23 @@ def test_stats_of_the_library_match_the_command_on_the_sessions_ledger() -> None
         }  # fmt: skip
 
 
+def test_on_postgres_autovacuum_keeps_the_jobs_visibility_map_fresh_for_the_stats_index() -> None:
+    # The session's ledger, migrated like every deployment.
+    engine = create_engine(DATABASE_URL)
+    try:
+        with engine.connect() as conn:
+            options = conn.execute(
+                text("SELECT reloptions FROM pg_class WHERE relname = 'jobs'")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert set(options) == {
+        "autovacuum_vacuum_scale_factor=0.02",
+        "autovacuum_vacuum_insert_scale_factor=0.02",
+        "autovacuum_analyze_scale_factor=0.02",
+    }
+
+
 @pytest.mark.parametrize("bad", ["1x", "h", "1.5.h", "0m", "1 day"])
 def test_a_window_that_is_not_a_duration_is_one_line(bad: str) -> None:
     out = cli("stats", "--since", bad)

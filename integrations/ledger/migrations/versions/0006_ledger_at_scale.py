@@ -41,9 +41,23 @@ def upgrade() -> None:
         # The new stats index leads with these two; uq_job_attempts_job_id_number leads with job_id.
         op.drop_index("ix_jobs_service_operation", "jobs", postgresql_concurrently=True)
         op.drop_index("ix_job_attempts_job_id", "job_attempts", postgresql_concurrently=True)
+    if op.get_bind().dialect.name == "postgresql":
+        # The stats index is read alone only where the visibility map says the rows are visible
+        # to all; every job is inserted then updated twice, so by default 20% of a ledger may
+        # wait for autovacuum (measured: stats 2.5 times slower with a fifth of the rows
+        # updated since). Vacuum the jobs at 2% of changed or inserted rows.
+        op.execute(
+            "ALTER TABLE jobs SET (autovacuum_vacuum_scale_factor = 0.02, "
+            "autovacuum_vacuum_insert_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02)"
+        )
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(
+            "ALTER TABLE jobs RESET (autovacuum_vacuum_scale_factor, "
+            "autovacuum_vacuum_insert_scale_factor, autovacuum_analyze_scale_factor)"
+        )
     with op.get_context().autocommit_block():
         op.create_index("ix_job_attempts_job_id", "job_attempts", ["job_id"], postgresql_concurrently=True)
         op.create_index(
