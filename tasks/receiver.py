@@ -13,14 +13,16 @@ from fastapi import FastAPI
 from integrations import redact
 from integrations.config import get_settings, get_webhooks
 from integrations.webhooks.receiver import create_app
-from tasks.events import publish_event
+from tasks.events import publish_event, publish_events
 
 log = logging.getLogger("integrations.webhooks.receiver")
 
 
 def app_from_settings() -> FastAPI:
     """The receiver as the settings and the services file describe it."""
-    return create_app(get_webhooks(), publish_event, get_settings().webhook_max_body_bytes)
+    return create_app(
+        get_webhooks(), publish_event, get_settings().webhook_max_body_bytes, publish_many=publish_events
+    )
 
 
 def serve() -> None:
