@@ -1,7 +1,8 @@
 """The webhook receiver as the app runs it: the library's ASGI app, publishing to the workers.
 
 ``integrations receiver`` (and ``make run``) serves it with uvicorn on
-``RECEIVER_HOST:RECEIVER_PORT``; ``uvicorn --factory tasks.receiver:app_from_settings`` too.
+``RECEIVER_HOST:RECEIVER_PORT``, in ``RECEIVER_WORKERS`` processes;
+``uvicorn --factory tasks.receiver:app_from_settings`` too.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def serve() -> None:
         log.warning("receiving webhooks at /webhooks/{%s}", ",".join(sorted(sources)))
     else:
         log.warning("no webhook sources: add a webhooks: section to %s", s.services_file)
+    # Several workers: processes sharing the port, each building the app from the settings.
     uvicorn.run(
-        app_from_settings(),
+        app_from_settings() if s.receiver_workers == 1 else "tasks.receiver:app_from_settings",
+        factory=s.receiver_workers > 1,
+        workers=s.receiver_workers,
         host=s.receiver_host,
         port=s.receiver_port,
         log_level=s.log_level.lower(),

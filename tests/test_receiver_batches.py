@@ -1,6 +1,6 @@
 """The receiver under concurrent deliveries (issue 15): what arrives while a write is in flight is
 stored by the next write in one commit and queued in one message, every delivery still stored
-before its answer and queued once.
+before its answer and queued once; several receiver processes (RECEIVER_WORKERS) share a port.
 """
 
 from __future__ import annotations
@@ -8,20 +8,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import procs
 import pytest
 import redis
 import requests
 from asgi_server import serve
 from celery.signals import before_task_publish
-from conftest import GH_SECRET, REDIS_URL
+from conftest import GH_SECRET, REDIS_URL, free_port
 from handlers_for_tests import runs_key
+from procs import BIN, env_with, running
 from sqlalchemy import func, select
 
 from integrations.config import get_settings, get_webhooks
@@ -155,3 +159,24 @@ def test_a_batch_whose_message_fails_is_accepted_stored_and_left_to_the_sweeper(
     assert len(rows) == 20 and all(dispatched is None for dispatched in rows.values())  # the sweeper's cue
     # Each write tried its message once; every event was in one of them.
     assert sorted(e for batch in calls for e in batch) == sorted(a.json()["event_id"] for a in answers)
+
+
+def test_receiver_workers_serve_one_port_from_several_processes(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "receiver.log"
+    env = env_with(RECEIVER_PORT=port, RECEIVER_WORKERS=2)
+    with running([str(BIN / "integrations"), "receiver"], env, log) as proc:
+        procs.wait_for(lambda: requests.get(f"{url}/healthz", timeout=2).ok, 60, "the receiver", log)
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        # uvicorn's workers are spawned interpreters (beside them, multiprocessing's resource tracker).
+        workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2, (children, log.read_text())
+
+        run = uuid.uuid4().hex[:8]
+        deliveries = [(f"{run}-{n}", {"n": f"{run}-{n}"}) for n in range(30)]
+        answers = post_at_once(url, deliveries)
+    assert [a.status_code for a in answers] == [202] * 30, log.read_text()[-2000:]
+    assert len(stored([d for d, _ in deliveries])) == 30

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     #: Where the webhook receiver listens (``integrations receiver``, started by ``make run``).
     receiver_host: str = "127.0.0.1"
     receiver_port: int = Field(8000, ge=1, le=65535)
+    #: Receiver processes (uvicorn workers) sharing the port: one per core the receiver may use.
+    receiver_workers: int = Field(1, ge=1, le=64)
     #: A webhook body over this size is refused with 413 before it is read whole.
     webhook_max_body_bytes: int = Field(1024 * 1024, ge=1024, le=100 * 1024 * 1024)
     #: Modules whose ``@handler`` functions receive events, comma-separated (imported by workers).
