@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Worker autoscaling range (max,min); the settings' WORKER_AUTOSCALE_MAX/MIN are the defaults.
 AUTOSCALE ?= $${WORKER_AUTOSCALE_MAX:-8},$${WORKER_AUTOSCALE_MIN:-2}
 
-.PHONY: install run receiver metrics worker beat flower migrate test test-tools lint bench clean
+.PHONY: install run receiver metrics worker beat flower migrate test test-tools lint bench bench-ledger clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { echo "make: $(PYTHON) has no venv module: apt-get install python3-venv" >&2; exit 2; }
@@ -78,5 +78,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tests/bench.py --out bench-results.json
 
+# `integrations stats`, `health` and `prune` on a generated ledger of a million jobs, in a
+# database of its own (BENCH_LEDGER_DATABASE_URL, default .../bench_ledger, dropped and made
+# again); BENCH_LEDGER_ARGS=--sqlite for a SQLite file.
+bench-ledger: $(STAMP)
+	$(BIN)/python tests/bench_ledger.py --out bench-ledger-results.json $(BENCH_LEDGER_ARGS)
+
 clean:
-	rm -rf $(VENV) var bench-results.json
+	rm -rf $(VENV) var bench-results.json bench-ledger-results.json

@@ -59,3 +59,22 @@ def build(
         **_every("integrations.health_check", health_checks, "health-check"),
         **_every("integrations.poll_mailbox", mailboxes or {}, "poll-mailbox"),
     }
+
+
+#: How often beat prunes the ledger when ``LEDGER_RETENTION`` is set (seconds).
+PRUNE_EVERY = 3600.0
+
+
+def retention(keep_seconds: float | None, every: float = PRUNE_EVERY) -> dict[str, dict[str, Any]]:
+    """The ledger's pruning every ``every`` seconds, of what finished more than
+    ``keep_seconds`` ago; nothing without a retention."""
+    if keep_seconds is None:
+        return {}
+    return {
+        "prune-ledger": {
+            "task": "integrations.prune_ledger",
+            "schedule": every,
+            "args": (keep_seconds,),
+            "options": {"expires": every * 0.9},
+        }
+    }

@@ -49,6 +49,20 @@ def positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
+def duration(text: str) -> dt.timedelta:
+    """An argparse type: a span of time such as ``30m``, ``1h``, ``7d``."""
+    from integrations.config.durations import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _since(args: argparse.Namespace) -> dt.datetime | None:
+    return dt.datetime.now(dt.UTC) - args.since if args.since else None
+
+
 def parse_params(pairs: Sequence[str], schema: dict[str, Any]) -> dict[str, Any]:
     """``["key=value", ...]`` as params of an operation whose params schema is ``schema``."""
     props = schema.get("properties") or {}
@@ -108,18 +122,16 @@ def cmd_health(args: argparse.Namespace) -> int:
     from integrations.ledger import jobs
     from integrations.services import get_services
 
-    rows = []
-    for svc in get_services().values():
-        if svc.health is None or not svc.health.enabled:
-            continue
-        row = jobs.health(svc.name)
-        row["breaker"] = breaker.state(svc.name)
-        rows.append(row)
-    if not rows:
+    names = [s.name for s in get_services().values() if s.health is not None and s.health.enabled]
+    if not names:
         print("no service has a health check (add 'health:' to a service in the services file)")
         return 0
+    rows = jobs.health_of(names, since=_since(args))
+    for row in rows:
+        row["breaker"] = breaker.state(row["service"])
+        row["passed"] = None if row["passed"] is None else f"{row['passed']:.0%}"
     cols = ["service", "status", "status_code", "latency_ms", "breaker", "checked_at", "last_success_at"]
-    print(_table(rows, cols))
+    print(_table(rows, [*cols, "checks", "passed"]))
     for row in rows:
         if row["last_error"]:
             print(f"{row['service']}: last error at {_fmt(row['last_error_at'])}: {row['last_error']}")
@@ -145,12 +157,25 @@ def cmd_job(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from integrations.ledger import jobs
 
-    rows = jobs.stats()
+    rows = jobs.stats(since=_since(args))
     for r in rows:
         rate = r["success_rate"]
         r["success"] = "-" if rate is None else f"{rate:.0%}"
     cols = ["service", "operation", "count", "succeeded", "failed", "success", "p50_ms", "p95_ms"]
     print(_table(rows, [*cols, "input_tokens", "output_tokens"]))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from integrations.config.durations import format_duration
+    from integrations.ledger import retention
+
+    done = retention.prune(args.older_than, batch=args.batch)
+    what = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in done.counts.items())
+    print(
+        f"deleted {what} older than {format_duration(args.older_than)} "
+        f"({done.batches} batches, the longest {done.longest_batch:.2f} s)"
+    )
     return 0
 
 
@@ -365,12 +390,22 @@ def add_commands(sub: Any) -> None:
     one.add_argument("id")
     one.set_defaults(func=cmd_job)
 
-    sub.add_parser(
-        "stats", help="per service and operation: count, success rate, p50/p95, tokens"
-    ).set_defaults(func=cmd_stats)
-    sub.add_parser(
-        "health", help="per service: last health check, latency, breaker, last error and success"
-    ).set_defaults(func=cmd_health)
+    st = sub.add_parser("stats", help="per service and operation: count, success rate, p50/p95, tokens")
+    st.add_argument("--since", type=duration, help="only jobs created in this last span (30m, 1h, 7d)")
+    st.set_defaults(func=cmd_stats)
+    he = sub.add_parser(
+        "health", help="per service: last health check, latency, breaker, last error and success, pass rate"
+    )
+    he.add_argument(
+        "--since", type=duration, default=duration("24h"), help="count the checks of this last span (24h)"
+    )
+    he.set_defaults(func=cmd_health)
+    pr = sub.add_parser(
+        "prune", help="delete finished jobs, events, deliveries (and what hangs on them) older than a span"
+    )
+    pr.add_argument("--older-than", type=duration, required=True, help="e.g. 30d")
+    pr.add_argument("--batch", type=positive(int), default=1000, help="rows per transaction (default 1000)")
+    pr.set_defaults(func=cmd_prune)
     sub.add_parser(
         "services", help="validate the services file and list services, webhook sources and mailboxes"
     ).set_defaults(func=cmd_services)

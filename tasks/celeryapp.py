@@ -119,11 +119,12 @@ def rate_limit_annotations(settings: Settings, services: dict[str, Service]) -> 
 def beat_entries(
     settings: Settings, services: dict[str, Service], mailboxes: dict[str, Mailbox]
 ) -> dict[str, dict[str, Any]]:
+    keep = settings.ledger_retention
     return beat_schedule.build(
         {s.name: s.health.interval for s in services.values() if s.health and s.health.enabled},
         {m.name: m.interval for m in mailboxes.values() if m.enabled},
         sweep_every=settings.sweep_interval,
-    )
+    ) | beat_schedule.retention(keep.total_seconds() if keep else None)
 
 
 def celery_config(

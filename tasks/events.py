@@ -49,6 +49,14 @@ def publish_event(event_id: str) -> None:
 tokens.set_event_publisher(publish_event)
 
 
+def publish_events(event_ids: list[str]) -> None:
+    """Queue the events of one write of the receiver for dispatch, in one message."""
+    if len(event_ids) == 1:
+        dispatch_event.delay(event_ids[0])
+    else:
+        dispatch_events.delay(event_ids)
+
+
 class HandlerTask(Task):  # type: ignore[misc]
     """The retry policy of handlers, read from the settings when the task is made (at the
     app's finalization, not at import)."""
@@ -68,6 +76,17 @@ class HandlerTask(Task):  # type: ignore[misc]
 
 @app.task(name="integrations.dispatch_event", ignore_result=True)
 def dispatch_event(event_id: str) -> int:
+    return _dispatch(event_id)
+
+
+@app.task(name="integrations.dispatch_events", ignore_result=True)
+def dispatch_events(event_ids: list[str]) -> int:
+    """:func:`dispatch_event` for each; run again after a lost worker, none is handled twice
+    (the handlings are recorded once per event and handler)."""
+    return sum(_dispatch(event_id) for event_id in event_ids)
+
+
+def _dispatch(event_id: str) -> int:
     load_handlers()
     event = ledger.get_event(event_id)
     if event is None:

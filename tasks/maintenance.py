@@ -1,4 +1,5 @@
-"""What beat runs: the stuck-job sweeper, the deferred-job dispatcher and health checks."""
+"""What beat runs: the stuck-job sweeper, the deferred-job dispatcher, health checks and the
+ledger's pruning."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from celery.utils.log import get_task_logger
 from integrations import breaker, coordination, health, liveness, redact
 from integrations.config import get_settings
 from integrations.ledger import jobs as ledger
-from integrations.ledger import spool
+from integrations.ledger import retention, spool
 from integrations.ledger.models import utcnow
 from integrations.services import get_services
 from tasks.calls import republish
@@ -119,3 +120,21 @@ def health_check(service: str) -> bool | None:
         ledger.record_breaker_event(service, "closed", "health check passed")
         ledger.release_deferred(service)
     return out.ok
+
+
+@app.task(name="integrations.prune_ledger", ignore_result=True)
+def prune_ledger(keep_seconds: float) -> int:
+    """Delete what finished more than ``keep_seconds`` ago (``LEDGER_RETENTION``), in small
+    batches. Stops starting batches at half the task's soft time limit: the next run, an hour
+    later, goes on where this one stopped."""
+    done = retention.prune(
+        dt.timedelta(seconds=keep_seconds), time_limit=get_settings().task_soft_time_limit / 2
+    )
+    deleted = sum(done.counts.values())
+    if deleted:
+        log.info(
+            "pruned the ledger: %s%s",
+            ", ".join(f"{n} {name}" for name, n in done.counts.items() if n),
+            "" if done.complete else " (more next time)",
+        )
+    return deleted

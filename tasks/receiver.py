@@ -2,7 +2,8 @@
 and the OAuth callback where end users' authorizations come back (``GET /oauth/callback``).
 
 ``integrations receiver`` (and ``make run``) serves it with uvicorn on
-``RECEIVER_HOST:RECEIVER_PORT``; ``uvicorn --factory tasks.receiver:app_from_settings`` too.
+``RECEIVER_HOST:RECEIVER_PORT``, in ``RECEIVER_WORKERS`` processes;
+``uvicorn --factory tasks.receiver:app_from_settings`` too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from integrations.observability import logs
 from integrations.services import get_services
 from integrations.webhooks.receiver import create_app
 from tasks import observe
-from tasks.events import publish_event
+from tasks.events import publish_event, publish_events
 
 log = logging.getLogger("integrations.webhooks.receiver")
 
@@ -27,7 +28,9 @@ def app_from_settings() -> FastAPI:
     """The receiver as the settings and the services file describe it, with its OAuth callback,
     observed (its ``/metrics``, a count and a span per webhook)."""
     sources = get_webhooks()
-    app = create_app(sources, publish_event, get_settings().webhook_max_body_bytes)
+    app = create_app(
+        sources, publish_event, get_settings().webhook_max_body_bytes, publish_many=publish_events
+    )
     add_callback(app)
     return observe.receiver(app, sources)
 
@@ -45,8 +48,11 @@ def serve() -> None:
         log.info("receiving webhooks at /webhooks/{%s}", ",".join(sorted(sources)))
     else:
         log.warning("no webhook sources: add a webhooks: section to %s", s.services_file)
+    # Several workers: processes sharing the port, each building the app from the settings.
     uvicorn.run(
-        app_from_settings(),
+        app_from_settings() if s.receiver_workers == 1 else "tasks.receiver:app_from_settings",
+        factory=s.receiver_workers > 1,
+        workers=s.receiver_workers,
         host=s.receiver_host,
         port=s.receiver_port,
         log_level=s.log_level.lower(),

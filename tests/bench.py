@@ -13,10 +13,13 @@ concurrency, prefetch, acks_late, events, result backend), against the same loop
 certificate made for the run), since real upstreams speak TLS. Then 400 jobs go to a
 service limited to 20/s (burst 5): the rate the upstream saw is printed beside it.
 
-Last, the webhook receiver: signed GitHub deliveries posted by 20 client threads to three
-uvicorn processes in turn (one worker each): a bare app answering 202 (the HTTP stack's
-ceiling), a naive receiver (HMAC check, ORM insert, delay()) and ours (verify, dedupe
-insert, queue), each BENCH_ROUNDS times, interleaved; the median counts.
+Last, the webhook receiver: BENCH_RECEIVER_N (4,000) signed GitHub deliveries posted by 20
+client threads (in this process) to three uvicorn servers in turn (BENCH_RECEIVER_WORKERS
+processes each, default 1): a bare app answering 202 (the HTTP stack's ceiling), a naive
+receiver (HMAC check, ORM insert, delay()) and ours (verify, dedupe insert, queue, each
+delivery stored before its answer: checked after each run), BENCH_RECEIVER_ROUNDS (7) times,
+interleaved; the median counts, the spread and the machine's load average are kept beside it.
+`bench.py --receivers-only` measures the receivers alone.
 
 Throughput is the worker draining a pre-filled queue: consumption is paused, N messages are
 published, consumption resumes and the clock runs until the Nth result is stored. Each kind
@@ -49,6 +52,13 @@ PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@1
 PG = os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/bench")
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "8"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+#: The receivers are quick to measure and noisy on a shared machine: more rounds.
+RECEIVER_ROUNDS = int(os.environ.get("BENCH_RECEIVER_ROUNDS", "7"))
+#: Processes of each receiver (uvicorn --workers), and deliveries posted per run.
+RECEIVER_WORKERS = int(os.environ.get("BENCH_RECEIVER_WORKERS", "1"))
+RECEIVER_N = int(os.environ.get("BENCH_RECEIVER_N", "4000"))
+#: The 1-minute load average after each receiver run.
+LOADS: list[float] = []
 QUEUE = "integrations"
 
 
@@ -172,8 +182,9 @@ def limiter_accuracy(n: int) -> dict[str, Any]:
     }
 
 
-def post_deliveries(url: str, n: int, clients: int, secret: str) -> float:
-    """Post ``n`` signed GitHub deliveries from ``clients`` threads; return requests/s."""
+def post_deliveries(url: str, n: int, clients: int, secret: str, run: str | None = None) -> float:
+    """Post ``n`` signed GitHub deliveries (ids ``run-0`` ...) from ``clients`` threads; return
+    requests/s."""
     import hashlib
     import hmac
     import threading
@@ -182,7 +193,7 @@ def post_deliveries(url: str, n: int, clients: int, secret: str) -> float:
 
     import requests
 
-    run = uuid.uuid4().hex[:8]
+    run = run or uuid.uuid4().hex[:8]
     bodies = [json.dumps({"n": i, "ref": "refs/heads/main", "run": run}).encode() for i in range(n)]
     local = threading.local()
 
@@ -204,17 +215,19 @@ def post_deliveries(url: str, n: int, clients: int, secret: str) -> float:
 
 
 def receiver_rates(n: int, env: dict[str, str], log: Path) -> dict[str, list[float]]:
-    """Requests/s of the bare, naive and our receiver, each in its own uvicorn process."""
+    """Requests/s of the bare, naive and our receiver, each served by uvicorn (RECEIVER_WORKERS
+    processes each), RECEIVER_ROUNDS rounds, interleaved."""
     apps = {
         "bare": ["-m", "uvicorn", "bench_receivers:bare"],
         "naive": ["-m", "uvicorn", "bench_receivers:naive"],
         "ours": ["-m", "uvicorn", "--factory", "tasks.receiver:app_from_settings"],
     }
     rates: dict[str, list[float]] = {k: [] for k in apps}
-    for i in range(ROUNDS):
+    for i in range(RECEIVER_ROUNDS):
         for name, args in apps.items():
             port = free_port()
             cmd = [sys.executable, *args, "--port", str(port), "--log-level", "warning", "--no-access-log"]
+            cmd += ["--workers", str(RECEIVER_WORKERS)]
             with log.open("ab") as out:
                 proc = subprocess.Popen(cmd, env=env, cwd=HERE, stdout=out, stderr=out)
             try:
@@ -228,20 +241,73 @@ def receiver_rates(n: int, env: dict[str, str], log: Path) -> dict[str, list[flo
                             raise SystemExit(f"bench: receiver {name} did not start; see {log}") from None
                         time.sleep(0.1)
                 post_deliveries(f"http://127.0.0.1:{port}", 100, 20, env["BENCH_WEBHOOK_SECRET"])  # warm-up
+                run = f"{name}{i}"
                 rates[name].append(
-                    post_deliveries(f"http://127.0.0.1:{port}", n, 20, env["BENCH_WEBHOOK_SECRET"])
+                    post_deliveries(f"http://127.0.0.1:{port}", n, 20, env["BENCH_WEBHOOK_SECRET"], run)
                 )
+                if name == "ours" and (stored := events_stored(run)) != n:
+                    raise SystemExit(f"bench: {n} deliveries accepted, {stored} stored")
             finally:
                 proc.terminate()
                 proc.wait(timeout=10)
-            print(f"  round {i + 1}  receiver {name:<13} {rates[name][-1]:7.0f} requests/s", flush=True)
+            LOADS.append(os.getloadavg()[0])  # the machine is shared: how busy it was meanwhile
+            print(f"  round {i + 1}  receiver {name:<13} {rates[name][-1]:7.0f} requests/s  "
+                  f"(load average {LOADS[-1]:.1f})", flush=True)  # fmt: skip
     return rates
+
+
+def events_stored(run: str) -> int:
+    """How many events of the run ``run`` the ledger holds."""
+    from sqlalchemy import func, select
+
+    from integrations.ledger.db import get_engine
+    from integrations.ledger.models import Event
+
+    with get_engine().connect() as conn:
+        q = select(func.count()).select_from(Event).where(Event.delivery_id.like(f"{run}-%"))
+        return int(conn.execute(q).scalar_one())
+
+
+def receiver_summary(rates: dict[str, list[float]]) -> dict[str, Any]:
+    """Median, spread (min and max) and every run of each receiver, and ours against the others."""
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {
+        "receiver_requests_per_s": {k: round(v, 1) for k, v in med.items()},
+        "receiver_spread_per_s": {k: [round(min(v), 1), round(max(v), 1)] for k, v in rates.items()},
+        "receiver_runs_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "receiver_ours_over_bare": round(med["ours"] / med["bare"], 3),
+        "receiver_ours_over_naive": round(med["ours"] / med["naive"], 3),
+        "receiver_rounds": RECEIVER_ROUNDS,
+        "receiver_workers": RECEIVER_WORKERS,
+        "receiver_load_average": [round(x, 1) for x in LOADS],
+    }
+
+
+def print_receivers(out: dict[str, Any]) -> None:
+    rec, spread = out["receiver_requests_per_s"], out["receiver_spread_per_s"]
+    shown = ", ".join(
+        f"{k} {rec[k]:.0f} ({spread[k][0]:.0f}-{spread[k][1]:.0f})" for k in ("ours", "naive", "bare")
+    )
+    bare, naive = out["receiver_ours_over_bare"], out["receiver_ours_over_naive"]
+    ratios = f"ours/bare = {bare:.2f}, ours/naive = {naive:.2f}"
+    print(f"  webhook receiver, requests/s, median (min-max) of {out['receiver_rounds']}: {shown}; {ratios}")
+
+
+def receivers_only(env: dict[str, str], tmp: Path, out_file: str) -> None:
+    """`bench.py --receivers-only`: the three receivers, RECEIVER_ROUNDS interleaved rounds."""
+    print(f"bench: receivers only, {RECEIVER_ROUNDS} rounds, {os.cpu_count()} CPUs", flush=True)
+    out = receiver_summary(receiver_rates(RECEIVER_N, env, tmp / "receivers.log"))
+    print()
+    print_receivers(out)
+    Path(out_file).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"figures written to {out_file}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-results.json")
     ap.add_argument("-n", type=int, default=int(os.environ.get("BENCH_N", "2000")))
+    ap.add_argument("--receivers-only", action="store_true", help="only the webhook receivers")
     args = ap.parse_args()
     n = args.n
 
@@ -266,6 +332,12 @@ def main() -> None:
     from tasks import app, call_service
 
     env = {**os.environ, "PYTHONPATH": str(HERE)}
+    if args.receivers_only:
+        receivers_only(env, tmp, args.out)
+        for u in upstreams:
+            u.terminate()
+            u.wait(timeout=10)
+        return
     cmd = [
         *(sys.executable, "-m", "celery", "-A", "tasks", "worker", "-I", "bench_tasks", "-n", "bench@%h"),
         *(f"--concurrency={CONCURRENCY}", "--pool=prefork", "--loglevel=WARNING"),
@@ -307,7 +379,7 @@ def main() -> None:
                 print(f"  round {i + 1}  {kind:<22} {rate:7.0f} jobs/s", flush=True)
         lat = latency(200, 20.0)
         limiter = limiter_accuracy(400)
-        receivers = receiver_rates(2000, env, tmp / "receivers.log")
+        receivers = receiver_rates(RECEIVER_N, env, tmp / "receivers.log")
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(timeout=30)
@@ -330,12 +402,8 @@ def main() -> None:
         "submit_per_s": round(statistics.median(submits["c_call_service_http"]), 1),
         "latency_at_20_per_s": lat,
         "limiter": limiter,
-        "receiver_requests_per_s": {k: round(statistics.median(v), 1) for k, v in receivers.items()},
-        "receiver_runs_per_s": {k: [round(x, 1) for x in v] for k, v in receivers.items()},
+        **receiver_summary(receivers),
     }
-    rec = out["receiver_requests_per_s"]
-    out["receiver_ours_over_bare"] = round(rec["ours"] / rec["bare"], 3)
-    out["receiver_ours_over_naive"] = round(rec["ours"] / rec["naive"], 3)
     print()
     for k, v in med.items():
         print(f"  {k:<22} {v:7.0f} jobs/s (median)")
@@ -347,9 +415,7 @@ def main() -> None:
           f"busiest second {limiter['max_in_1s']} calls")  # fmt: skip
     print(f"  delay() from one process: {out['submit_per_s']:.0f}/s")
     print(f"  submit-to-succeeded at 20 jobs/s: p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms")
-    print(f"  webhook receiver: ours {rec['ours']:.0f} requests/s, naive {rec['naive']:.0f}, "
-          f"bare {rec['bare']:.0f}; ours/bare = {out['receiver_ours_over_bare']:.2f}, "
-          f"ours/naive = {out['receiver_ours_over_naive']:.2f}")  # fmt: skip
+    print_receivers(out)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"figures written to {args.out}")
 

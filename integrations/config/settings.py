@@ -3,17 +3,19 @@ Postgres; every error names the setting, never its value."""
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import os
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from integrations import redact
+from integrations.config.durations import parse_duration
 from integrations.config.schema import check_url
 from integrations.config.secrets import read_secret_file
 from integrations.errors import ConfigError
@@ -27,6 +29,13 @@ FILE_SETTINGS = (
     "COORDINATION_URL",
     "INTEGRATIONS_KEYS",
 )
+
+
+def _duration(v: Any) -> Any:
+    """``LEDGER_RETENTION=30d``: an operator's span of time; empty means none."""
+    if isinstance(v, str):
+        return parse_duration(v) if v.strip() else None
+    return v
 
 
 class Settings(BaseSettings):
@@ -76,6 +85,9 @@ class Settings(BaseSettings):
     #: How long ``integrations migrate`` waits for the database to accept connections (a
     #: container started beside it, a restart) before it fails.
     migrate_wait: float = Field(60, ge=0, le=3600)
+    #: Finished jobs, events, deliveries (and what hangs on them) older than this (``30d``) are
+    #: pruned by beat every hour; unset, the ledger keeps everything (``integrations prune``).
+    ledger_retention: Annotated[dt.timedelta | None, BeforeValidator(_duration)] = None
 
     #: The level every process logs at (``make run``, worker, beat, receiver).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -101,6 +113,8 @@ class Settings(BaseSettings):
     #: Where the webhook receiver listens (``integrations receiver``, started by ``make run``).
     receiver_host: str = "127.0.0.1"
     receiver_port: int = Field(8000, ge=1, le=65535)
+    #: Receiver processes (uvicorn workers) sharing the port: one per core the receiver may use.
+    receiver_workers: int = Field(1, ge=1, le=64)
     #: A webhook body over this size is refused with 413 before it is read whole.
     webhook_max_body_bytes: int = Field(1024 * 1024, ge=1024, le=100 * 1024 * 1024)
     #: Modules whose ``@handler`` functions receive events, comma-separated (imported by workers).

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import Table, delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from integrations.events import Event as EventView
@@ -37,6 +39,55 @@ def store_event(source: str, delivery_id: str, event_type: str, payload: Any) ->
     except IntegrityError:
         return None
     return event_id
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """A verified delivery to store: :func:`store_events` takes many at once."""
+
+    source: str
+    delivery_id: str
+    event_type: str
+    payload: Any
+
+
+def store_events(new: Sequence[NewEvent]) -> list[str | None]:
+    """Store verified events in one statement and one commit; for each, in order, its new id,
+    or ``None`` when its delivery is already stored (before, or earlier in ``new``).
+
+    One ``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` (Postgres, SQLite >= 3.35): the
+    commit, the durable part of a write, is shared by every event of the batch. Raises as
+    :func:`store_event` does, for the whole batch.
+    """
+    if not new:
+        return []
+    now = utcnow()
+    rows = [
+        {
+            "id": str(uuid.uuid4()),
+            "source": e.source,
+            "delivery_id": e.delivery_id[:255],
+            "event_type": e.event_type[:200],
+            "payload": e.payload,
+            "received_at": now,
+        }
+        for e in new
+    ]
+    engine = get_engine()
+    statement = _STORE_MANY[engine.dialect.name]
+    with engine.begin() as conn:
+        # Many rows with RETURNING: SQLAlchemy sends them as one multi-row INSERT.
+        stored = set(conn.execute(statement, rows).scalars())
+    return [r["id"] if r["id"] in stored else None for r in rows]
+
+
+#: The statement of :func:`store_events` per dialect, built once.
+_STORE_MANY = {
+    name: dialect.insert(events)
+    .on_conflict_do_nothing(index_elements=["source", "delivery_id"])
+    .returning(events.c.id)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
 
 
 def forget_event(event_id: str) -> None:

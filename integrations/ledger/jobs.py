@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import statistics
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -23,6 +22,11 @@ from integrations.ledger.models import (
     UTCDateTime,
     utcnow,
 )
+
+# Re-exported: ``ledger.jobs.stats()`` and ``ledger.jobs.health()`` as before.
+from integrations.ledger.stats import health as health
+from integrations.ledger.stats import health_of as health_of
+from integrations.ledger.stats import stats as stats
 
 jobs = cast(Table, Job.__table__)
 attempts = cast(Table, JobAttempt.__table__)
@@ -280,7 +284,7 @@ record_attempt = retried(write_attempt)
 
 
 # --------------------------------------------------------------------------------------------
-# Reads (CLI, library)
+# Reads (CLI, library); the statistics and the health view are in integrations.ledger.stats
 # --------------------------------------------------------------------------------------------
 
 _SUMMARY = (
@@ -323,66 +327,6 @@ def list_jobs(status: str | None = None, service: str | None = None, limit: int 
         q = q.where(jobs.c.service == service)
     with get_engine().connect() as conn:
         return [dict(r) for r in conn.execute(q).mappings()]
-
-
-def stats() -> list[dict[str, Any]]:
-    """Per service and operation: jobs, finished, success rate, p50 and p95 latency (ms), and
-    the tokens the jobs used (``None`` where no job reported any: not an LLM)."""
-    q = select(
-        jobs.c.service,
-        jobs.c.operation,
-        jobs.c.status,
-        jobs.c.latency_ms,
-        jobs.c.input_tokens,
-        jobs.c.output_tokens,
-    ).order_by(jobs.c.service, jobs.c.operation)
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-    with get_engine().connect() as conn:
-        for service, operation, status, latency, input_tokens, output_tokens in conn.execute(q):
-            g = groups.setdefault(
-                (service, operation),
-                {
-                    "count": 0,
-                    "succeeded": 0,
-                    "failed": 0,
-                    "latencies": [],
-                    "input_tokens": None,
-                    "output_tokens": None,
-                },
-            )
-            g["count"] += 1
-            if input_tokens is not None or output_tokens is not None:
-                g["input_tokens"] = (g["input_tokens"] or 0) + (input_tokens or 0)
-                g["output_tokens"] = (g["output_tokens"] or 0) + (output_tokens or 0)
-            if status == JobStatus.SUCCEEDED:
-                g["succeeded"] += 1
-            elif status == JobStatus.FAILED:
-                g["failed"] += 1
-            if latency is not None and status in TERMINAL:
-                g["latencies"].append(latency)
-    out = []
-    for (service, operation), g in groups.items():
-        finished = g["succeeded"] + g["failed"]
-        lat = sorted(g.pop("latencies"))
-        out.append(
-            {
-                "service": service,
-                "operation": operation,
-                **g,
-                "success_rate": g["succeeded"] / finished if finished else None,
-                "p50_ms": _percentile(lat, 50),
-                "p95_ms": _percentile(lat, 95),
-            }
-        )
-    return out
-
-
-def _percentile(sorted_values: list[float], p: int) -> float | None:
-    if not sorted_values:
-        return None
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    return statistics.quantiles(sorted_values, n=100, method="inclusive")[p - 1]
 
 
 def stuck_jobs(
@@ -599,26 +543,6 @@ def record_health(
                 health_checks.c.service == service, health_checks.c.checked_at < now - HEALTH_KEEP
             )
         )
-
-
-def health(service: str) -> dict[str, Any]:
-    """The latest check of ``service``, and when it last failed and last passed."""
-    latest = select(health_checks).where(health_checks.c.service == service)
-    newest = health_checks.c.checked_at.desc(), health_checks.c.id.desc()
-    with get_engine().connect() as conn:
-        last = conn.execute(latest.order_by(*newest).limit(1)).mappings().first()
-        failed = conn.execute(latest.where(~health_checks.c.ok).order_by(*newest).limit(1)).mappings().first()
-        passed = conn.execute(latest.where(health_checks.c.ok).order_by(*newest).limit(1)).mappings().first()
-    return {
-        "service": service,
-        "status": "unknown" if last is None else ("healthy" if last["ok"] else "unhealthy"),
-        "status_code": last["status_code"] if last else None,
-        "latency_ms": last["latency_ms"] if last else None,
-        "checked_at": last["checked_at"] if last else None,
-        "last_error": failed["error"] if failed else None,
-        "last_error_at": failed["checked_at"] if failed else None,
-        "last_success_at": passed["checked_at"] if passed else None,
-    }
 
 
 # --------------------------------------------------------------------------------------------
