@@ -25,8 +25,11 @@ class CelerySubmitter:
         params: dict[str, Any],
         idempotency_key: str | None,
         agent: str | None,
+        connection: str | None = None,
     ) -> str:
-        result = call_service.delay(service, operation, params, idempotency_key=idempotency_key, agent=agent)
+        result = call_service.delay(
+            service, operation, params, idempotency_key=idempotency_key, agent=agent, connection=connection
+        )
         return str(result.id)
 
     def result(self, job_id: str, timeout: float) -> dict[str, Any] | None:
@@ -40,10 +43,13 @@ class CelerySubmitter:
 submitter = CelerySubmitter()
 
 
-def run(tool_call: Any, *, agent: str | None = None, wait: float = 30.0) -> dict[str, Any]:
+def run(
+    tool_call: Any, *, agent: str | None = None, wait: float = 30.0, connection: str | None = None
+) -> dict[str, Any]:
     """A model's tool call (OpenAI ``tool_calls[i]`` or Anthropic ``tool_use``) as a job; the
-    tool result in the provider's format (see :func:`integrations.tools.calls.run`)."""
-    return calls.run(tool_call, submitter, agent=agent, wait=wait)
+    tool result in the provider's format (see :func:`integrations.tools.calls.run`);
+    ``connection``: the end user a per-user service's tool acts for."""
+    return calls.run(tool_call, submitter, agent=agent, wait=wait, connection=connection)
 
 
 def serve_mcp(*, http: bool, agent: str | None) -> None:

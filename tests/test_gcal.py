@@ -5,6 +5,7 @@ user ``dana`` authorized it; and find_free_slot's arithmetic on its own."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from oauth_flow import connect
+from sqlalchemy import select
 
 from integrations.auth.grants import OAuth2
 from integrations.config import Settings
-from integrations.errors import InvalidParams, PermanentError
+from integrations.errors import ConfigError, InvalidParams, PermanentError
 from integrations.ledger import jobs as jobs_ledger
+from integrations.ledger.db import get_engine
+from integrations.ledger.models import Job
 from integrations.services import load_services
 from integrations.services.google_calendar_slots import Interval, first_free_slot
 from integrations.tools import definitions
@@ -237,6 +241,55 @@ def test_google_is_the_default_and_the_operations_are_complete_tools(tmp_path: P
     for tool in tools:
         for name, prop in tool["function"]["parameters"]["properties"].items():
             assert prop.get("description") or prop.get("type") == "boolean" or name in ("calendar_id",), name
+
+
+def test_an_idempotency_key_is_one_end_users_own(oauth: Any, dana: str) -> None:
+    erin = "erin" + uuid.uuid4().hex[:6]
+    connect("oauth_gcal", erin, erin)
+    key = "week-" + uuid.uuid4().hex
+    window = {"time_min": "2026-12-01T00:00:00+01:00", "time_max": "2026-12-08T00:00:00+01:00"}
+    first = call_service.delay("oauth_gcal", "list_events", window, idempotency_key=key, connection=dana)
+    assert first.get(timeout=30)["data"]["summary"] == f"{dana}@example.com"
+    # Another user's job with the same key would hand erin dana's calendar: refused, nothing written.
+    with pytest.raises(InvalidParams, match="idempotency_key is already used by a job of another connection"):
+        call_service.delay("oauth_gcal", "list_events", window, idempotency_key=key, connection=erin)
+    assert (
+        call_service.delay("oauth_gcal", "list_events", window, idempotency_key=key, connection=dana).id
+        == first.id
+    )
+    with get_engine().connect() as conn:
+        rows = conn.execute(select(Job.connection).where(Job.idempotency_key == key)).all()
+    assert [r.connection for r in rows] == [dana]
+
+
+def test_a_tool_of_a_per_user_service_runs_with_the_users_connection(oauth: Any, dana: str) -> None:
+    from tasks.tools import run as run_tool
+
+    arguments = '{"time_min": "2026-12-01T00:00:00+01:00", "time_max": "2026-12-08T00:00:00+01:00"}'
+    call = {
+        "id": "call_" + uuid.uuid4().hex[:12],
+        "type": "function",
+        "function": {"name": "oauth_gcal__list_events", "arguments": arguments},
+    }
+    without = run_tool(call, wait=20)
+    assert json.loads(without["content"]) == {
+        "error": "tool oauth_gcal__list_events acts for an end user: it runs with a connection"
+    }
+    answer = json.loads(run_tool(call, wait=20, connection=dana)["content"])
+    assert answer["status"] == "succeeded" and answer["data"]["summary"] == f"{dana}@example.com"
+    assert jobs_ledger.get_job(answer["job_id"])["connection"] == dana  # type: ignore[index]
+
+
+def test_a_per_user_service_has_no_health_check(tmp_path: Path) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text(
+        "services:\n  gcal:\n    kind: google_calendar\n"
+        "    auth: {client_id: my-app.apps.googleusercontent.com, client_secret: s3cret}\n"
+        "    health: {operation: list_events, params: {}, interval: 60}\n"
+    )
+    with pytest.raises(ConfigError, match="a per-user service has no credential of its own") as e:
+        load_services(path, Settings())
+    assert "s3cret" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------

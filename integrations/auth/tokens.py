@@ -228,7 +228,8 @@ def _renew_held(
         held.failed(str(e))  # the token endpoint is down, say: the connection stays active
         return "", e, None
     ciphertext, key_id = get_keys().encrypt(tokens.secret_json())
-    held.store(ciphertext, key_id, tokens.expires_at, tokens.scopes)
+    if not held.store(ciphertext, key_id, tokens.expires_at, tokens.scopes):
+        log.warning("%s: renewed tokens were not stored: the connection changed meanwhile", _label(svc, name))
     return tokens.access_token, None, None
 
 
@@ -316,7 +317,9 @@ def single_flight(svc: TokenService, name: str, blocking: bool = True) -> Iterat
     waits as long as a renewal can take (two token requests' timeouts), and longer is a
     transient error (the job retries); else it yields ``False`` at once when the lock is taken."""
     wait = 2 * svc.timeout + 10
-    r = coordination.client()
+    # A SQLite ledger lives on one machine, whose file lock cannot be lost as a Redis key can
+    # (Redis emptied mid-renewal); Postgres holds the row besides (ledger.for_refresh).
+    r = None if get_settings().is_sqlite else coordination.client()
     if r is None:
         path = get_settings().var_dir / "locks" / f"connection-{quote(svc.name)}-{quote(name, safe='')}.lock"
         with _file_lock(path, wait if blocking else 0.0, f"{_label(svc, name)}") as held:

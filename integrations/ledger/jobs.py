@@ -11,6 +11,7 @@ from typing import Any, cast
 from sqlalchemy import JSON, Integer, Table, bindparam, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
+from integrations.errors import InvalidParams
 from integrations.ledger.db import get_engine, retried
 from integrations.ledger.models import (
     TERMINAL,
@@ -62,7 +63,8 @@ def create_job(
     """Insert a queued job; return ``(job_id, created)``.
 
     With an ``idempotency_key`` already used for this service, nothing is inserted and the
-    existing job's id is returned with ``created=False``.
+    existing job's id is returned with ``created=False``; a key one end user's connection used
+    is refused to another's (:class:`InvalidParams`), so one user never gets another's result.
     """
     job_id = str(uuid.uuid4())
     now = utcnow()
@@ -83,7 +85,7 @@ def create_job(
     }
     engine = get_engine()
     if idempotency_key is not None:
-        existing = _find_by_key(service, idempotency_key)
+        existing = _find_by_key(service, idempotency_key, connection)
         if existing is not None:
             return existing, False
     try:
@@ -91,18 +93,26 @@ def create_job(
             conn.execute(insert(jobs), row)
     except IntegrityError:
         # Another submitter won the race for the same key between our look-up and insert.
-        existing = _find_by_key(service, idempotency_key) if idempotency_key else None
+        existing = _find_by_key(service, idempotency_key, connection) if idempotency_key else None
         if existing is None:
             raise
         return existing, False
     return job_id, True
 
 
-def _find_by_key(service: str, key: str) -> str | None:
+def _find_by_key(service: str, key: str, connection: str | None) -> str | None:
+    """The job of ``service`` submitted with ``key``; refused when another connection's."""
     with get_engine().connect() as conn:
-        return conn.execute(
-            select(jobs.c.id).where(jobs.c.service == service, jobs.c.idempotency_key == key)
-        ).scalar_one_or_none()
+        found = conn.execute(
+            select(jobs.c.id, jobs.c.connection).where(
+                jobs.c.service == service, jobs.c.idempotency_key == key
+            )
+        ).first()
+    if found is None:
+        return None
+    if found.connection != connection:
+        raise InvalidParams("idempotency_key is already used by a job of another connection of this service")
+    return str(found.id)
 
 
 def fail_unqueued(job_id: str, error: str) -> None:

@@ -12,7 +12,7 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from integrations import http
 from integrations.auth import Auth, NoAuth, sent_values, token_auth, tokens
@@ -56,6 +56,15 @@ class HttpService(Service):
             if not name or any(c in name for c in ":\r\n \t") or any(c in str(value) for c in "\r\n\x00"):
                 raise ValueError("header names are tokens and values have no line breaks")
         return v
+
+    @model_validator(mode="after")
+    def _health_needs_own_credential(self) -> HttpService:
+        auth = token_auth(self)
+        if self.health is not None and auth is not None and auth.per_user:
+            raise ValueError(
+                "health: a per-user service has no credential of its own to check with; leave health out"
+            )
+        return self
 
     # ---- what kinds override -----------------------------------------------------------------
 

@@ -41,6 +41,7 @@ class Submitter(Protocol):
         params: dict[str, Any],
         idempotency_key: str | None,
         agent: str | None,
+        connection: str | None = None,
     ) -> str:
         """Accept a job (raising :class:`SubmitError` when it is refused); return its id."""
         ...
@@ -86,9 +87,10 @@ def parse_call(tool_call: Any) -> ToolCall:
     )
 
 
-def idempotency_key(source: str, call_id: str, agent: str | None) -> str:
-    """The same key for the same call of the same agent, so a call run twice is one job."""
-    key = f"tool:{source}:{agent or '-'}:{call_id}"
+def idempotency_key(source: str, call_id: str, agent: str | None, connection: str | None = None) -> str:
+    """The same key for the same call of the same agent (and end user), so a call run twice is
+    one job."""
+    key = f"tool:{source}:{agent or '-'}:{call_id}" + (f":{connection}" if connection else "")
     return key if len(key) <= 255 else "tool:" + hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -117,19 +119,24 @@ def call_tool(
     agent: str | None,
     wait: float,
     key: str | None,
+    connection: str | None = None,
 ) -> tuple[bool, dict[str, Any]]:
-    """Submit tool ``name`` as a job and wait up to ``wait`` seconds: ``(is_error, payload)``."""
+    """Submit tool ``name`` as a job and wait up to ``wait`` seconds: ``(is_error, payload)``.
+
+    ``connection`` names the end user a tool of a per-user service acts for."""
     tool = index(agent).get(name)
     if tool is None:
         log.warning("tool call refused: %.80r is not a tool agent %s may use", name, agent or "-")
         return True, {"error": f"no tool named {name[:80]!r} is available to this agent"}
     if not isinstance(arguments, dict):
         return True, {"error": "the arguments must be a JSON object"}
+    if tool.per_user and connection is None:
+        return True, {"error": f"tool {tool.name} acts for an end user: it runs with a connection"}
     try:
         job_id = submitter.submit(
-            tool.service, tool.operation, drop_nulls(arguments, tool.parameters), key, agent
+            tool.service, tool.operation, drop_nulls(arguments, tool.parameters), key, agent, connection
         )
-    except SubmitError as e:
+    except (SubmitError, InvalidParams) as e:
         return True, {"error": str(e)}
     return outcome(job_id, submitter, wait)
 
@@ -164,19 +171,27 @@ def job_status(job_id: Any, submitter: Submitter, *, agent: str | None) -> tuple
 
 
 def run(
-    tool_call: Any, submitter: Submitter, *, agent: str | None = None, wait: float = 30.0
+    tool_call: Any,
+    submitter: Submitter,
+    *,
+    agent: str | None = None,
+    wait: float = 30.0,
+    connection: str | None = None,
 ) -> dict[str, Any]:
     """Run a model's tool call as a job; the tool result in the provider's format.
 
     The job's idempotency key comes from the call id: the same call run again is the same job.
     ``agent`` names the caller (its tool set and its rate limits); ``wait`` is how long to wait
-    for the job before answering with its id and status instead."""
+    for the job before answering with its id and status instead; ``connection`` is the end user
+    the agent acts for, which a tool of a per-user service (OAuth2) needs."""
     call = parse_call(tool_call)
     if call.problem is not None:
         is_error, payload = True, {"error": call.problem}
     else:
-        key = idempotency_key(call.provider, call.id, agent)
-        is_error, payload = call_tool(call.name, call.arguments, submitter, agent=agent, wait=wait, key=key)
+        key = idempotency_key(call.provider, call.id, agent, connection)
+        is_error, payload = call_tool(
+            call.name, call.arguments, submitter, agent=agent, wait=wait, key=key, connection=connection
+        )
     return tool_result(call, is_error, payload)
 
 

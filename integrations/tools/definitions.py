@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from integrations.auth import per_user
 from integrations.errors import ConfigError, UnknownService
 from integrations.services import Operation, Service, get_services
 from integrations.tools import agents as agents_
@@ -40,6 +41,9 @@ class Tool:
     operation: str
     description: str
     parameters: dict[str, Any]
+    #: Whether it acts for an end user's connection (OAuth2): run with ``connection=``; the MCP
+    #: server, which cannot name one, leaves it out.
+    per_user: bool = False
 
 
 def tool_name(service: str, operation: str) -> str:
@@ -76,7 +80,12 @@ def tools(services: Iterable[str] | None = None, agent: str | None = None) -> li
             if not agents_.allowed(agent, service, op_name):
                 continue
             tool = Tool(
-                tool_name(service, op_name), service, op_name, describe(svc, op_name, op), op.parameters
+                tool_name(service, op_name),
+                service,
+                op_name,
+                describe(svc, op_name, op),
+                op.parameters,
+                per_user(svc),
             )
             other = out.get(tool.name)
             if other is not None:

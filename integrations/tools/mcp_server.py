@@ -93,7 +93,8 @@ def build_server(
     ) -> types.ListToolsResult:
         agent = agent_of(ctx)
         found = await anyio.to_thread.run_sync(lambda: tools(agent=agent))
-        listed = [render(t, "mcp") for t in found]
+        # A per-user service's tools need an end user's connection, which MCP cannot name.
+        listed = [render(t, "mcp") for t in found if not t.per_user]
         return types.ListToolsResult(
             tools=[
                 types.Tool(name=t["name"], description=t["description"], input_schema=t["inputSchema"])
