@@ -56,7 +56,11 @@ MAINTENANCE_QUEUE = "integrations.maintenance"
 
 def maintenance_tasks() -> list[str]:
     """The tasks of beat's dispatchers and sweepers (:mod:`beat_schedule`)."""
-    return [e["task"] for e in beat_schedule.DISPATCHERS.values()] + list(beat_schedule.SWEEPERS.values())
+    return [
+        *(e["task"] for e in beat_schedule.DISPATCHERS.values()),
+        *beat_schedule.SWEEPERS.values(),
+        *(e["task"] for e in beat_schedule.retention(0).values()),
+    ]
 
 
 def queue_options(settings: Settings) -> dict[str, Any]:

@@ -143,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_mcp)
 
     f = sub.add_parser("flower", help="Flower behind basic auth (FLOWER_USER, FLOWER_PASSWORD or _FILE)")
-    f.add_argument("--port", type=int, default=int(os.environ.get("FLOWER_PORT") or 5555))
+    f.add_argument(
+        "--port",
+        type=cli.positive(int),
+        default=os.environ.get("FLOWER_PORT") or "5555",
+        help="default FLOWER_PORT, else 5555",
+    )
     f.add_argument("--address", default=os.environ.get("FLOWER_ADDRESS") or "127.0.0.1")
     f.set_defaults(func=cmd_flower)
     return parser

@@ -27,6 +27,9 @@ log = logging.getLogger("integrations.webhooks.receiver")
 def app_from_settings() -> FastAPI:
     """The receiver as the settings and the services file describe it, with its OAuth callback,
     observed (its ``/metrics``, a count and a span per webhook)."""
+    s = get_settings()
+    if s.receiver_workers > 1:  # a worker process of uvicorn's: its logging as serve() set it
+        logs.setup(s.log_level, s.log_format)
     sources = get_webhooks()
     app = create_app(
         sources, publish_event, get_settings().webhook_max_body_bytes, publish_many=publish_events

@@ -64,6 +64,24 @@ def test_bad_input_is_one_clear_line(args: tuple[str, ...], message: str) -> Non
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
 
 
+def test_a_wait_that_runs_out_says_the_job_goes_on(stub: Stub, key: str) -> None:
+    stub.plan(key, Reply(delay=3))
+    out = cli("call", "stub", "echo", f"key={key}", "--wait", "--timeout", "0.5")
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: timed out waiting for the result (the job goes on")
+    assert out.stderr.count("\n") == 1
+
+
+def test_a_bad_number_in_the_environment_is_one_line_naming_it() -> None:
+    assert cli("services", env=env_with(FLOWER_PORT="fivefivefive")).returncode == 0
+    out = cli("flower", env=env_with(FLOWER_PORT="fivefivefive"))
+    assert out.returncode == 2 and "argument --port: must be a number" in out.stderr
+    assert "Traceback" not in out.stderr and "fivefivefive" not in out.stderr
+    out = cli("services", env=env_with(RECEIVER_PORT="eighty"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "eighty" not in out.stderr
+    assert out.stderr.startswith("error: invalid settings: RECEIVER_PORT: "), out.stderr
+
+
 def test_services_lists_operations() -> None:
     out = cli("services")
     assert out.returncode == 0

@@ -118,10 +118,16 @@ def test_unreadable_or_invalid_yaml_says_so(tmp_path: Path) -> None:
         load(tmp_path, "services:\n  a: [\n")
 
 
-def test_bad_settings_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKER_AUTOSCALE_MAX", "many")
-    with pytest.raises(ConfigError, match="worker_autoscale_max"):
+    with pytest.raises(ConfigError, match=r"^invalid settings: WORKER_AUTOSCALE_MAX: ") as e:
         load_settings()
+    assert "many" not in str(e.value)
+    monkeypatch.setenv("WORKER_AUTOSCALE_MAX", "8")
+    monkeypatch.setenv("MAX_COUNTDOWN", "5000")  # above half the visibility timeout (3600)
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    assert str(e.value) == "invalid settings: MAX_COUNTDOWN must be at most half of VISIBILITY_TIMEOUT"
 
 
 def test_cli_reports_a_broken_services_file_in_one_line(tmp_path: Path) -> None:

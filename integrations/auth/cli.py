@@ -182,6 +182,8 @@ def _status(k: Any) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    from integrations.cli import positive  # the command-line tool is loaded by now
+
     c = sub.add_parser("connections", help="end users' connections: add | list | show | revoke")
     csub = c.add_subparsers(dest="action", required=True)
 
@@ -215,5 +217,5 @@ def add_commands(sub: Any) -> None:
 
     k = sub.add_parser("keys", help="the keys of tokens at rest: generate | rotate | status")
     k.add_argument("action", choices=["generate", "rotate", "status"])
-    k.add_argument("--batch", type=int, default=200, help="rotate: rows per batch")
+    k.add_argument("--batch", type=positive(int), default=200, help="rotate: rows per batch")
     k.set_defaults(func=cmd_keys)

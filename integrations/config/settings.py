@@ -334,7 +334,19 @@ def load_settings() -> Settings:
     except ValidationError as e:
         from integrations.config.loading import describe
 
-        raise ConfigError("invalid settings: " + describe(e, prefix="")) from None
+        problems = describe(e, prefix="").split("; ")
+        raise ConfigError("invalid settings: " + "; ".join(map(_as_set, problems))) from None
+
+
+def _as_set(problem: str) -> str:
+    """``receiver_port: ...`` as ``RECEIVER_PORT: ...``, the name the operator set; a problem
+    of the settings as a whole without the empty name before it."""
+    field, sep, rest = problem.partition(": ")
+    if not sep:
+        return problem
+    if not field:
+        return rest
+    return f"{field.upper()}: {rest}" if field.islower() else problem
 
 
 @functools.cache

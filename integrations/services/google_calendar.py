@@ -517,7 +517,11 @@ class GoogleCalendarService(HttpService):
         general = http.classify(resp, self.retry.retry_after_max)
         err: CallError
         if resp.status_code == 403 and reason in RATE_REASONS:
-            err = RateLimited(message, status_code=403, retry_after=_retry_after(resp))
+            asked = _retry_after(resp)
+            cap = self.retry.retry_after_max
+            err = RateLimited(
+                message, status_code=403, retry_after=None if asked is None else min(asked, cap)
+            )
         elif isinstance(general, RateLimited):  # 429, 503
             err = RateLimited(message, status_code=resp.status_code, retry_after=general.retry_after)
         elif isinstance(general, TransientError):

@@ -232,4 +232,4 @@ def serve_http(submitter: Submitter) -> None:
     s = get_settings()
     app = http_app(submitter, s)
     log.warning("MCP over Streamable HTTP at http://%s:%s/mcp", s.mcp_host, s.mcp_port)
-    uvicorn.run(app, host=s.mcp_host, port=s.mcp_port, log_level="info", access_log=False)
+    uvicorn.run(app, host=s.mcp_host, port=s.mcp_port, log_level=s.log_level.lower(), access_log=False)
