@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from celery.exceptions import TimeoutError as ResultTimeout
-
 from integrations.errors import IntegrationError
 from integrations.ledger.models import DeliveryStatus, JobStatus
 from integrations.redact import redact
@@ -491,7 +489,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     except IntegrationError as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
-    except (TimeoutError, ResultTimeout):
+    except TimeoutError:
         print(
             "error: timed out waiting for the result (the job goes on; see 'integrations jobs')",
             file=sys.stderr,

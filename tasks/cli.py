@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from celery.exceptions import TimeoutError as ResultTimeout
+
 from integrations import cli
 from integrations.errors import IntegrationError
 
@@ -37,6 +39,8 @@ def _show(result: Any, args: argparse.Namespace) -> int:
         return 0
     try:
         out = result.get(timeout=args.timeout)
+    except ResultTimeout:
+        raise TimeoutError from None  # the command-line tool's one line: the job goes on
     except IntegrationError as e:
         print(f"job {result.id} failed: {e}", file=sys.stderr)
         return 1
