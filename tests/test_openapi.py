@@ -408,3 +408,94 @@ def test_tags_and_operation_ids_choose_what_is_imported() -> None:
     assert sorted(by_tag.service["operations"]) == ["add_item", "list_items"] and by_tag.excluded == 4
     by_id = import_openapi(spec, "store", operations=("uploadPhoto", "rename_item"))
     assert sorted(by_id.service["operations"]) == ["rename_item", "upload_photo"] and by_id.excluded == 4
+
+
+MINIMAL = {
+    "openapi": "3.0.3",
+    "info": {"title": "t", "version": "1"},
+    "servers": [{"url": "https://api.example.com"}],
+}
+
+
+def _op(parameters: list[Any]) -> dict[str, Any]:
+    return {
+        "/a": {
+            "get": {"operationId": "a", "parameters": parameters, "responses": {"200": {"description": "ok"}}}
+        }
+    }
+
+
+def test_a_yaml_alias_bomb_is_refused_before_anything_walks_it(tmp_path: Path) -> None:
+    lines = ["openapi: 3.0.3", "info: {title: t, version: '1'}", "servers: [{url: 'https://a.example.com'}]"]
+    lines.append("x-a: &a [" + ",".join(['"lol"'] * 9) + "]")
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"x-{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")  # 9**9 values
+    lines.append(
+        "paths: {/a: {get: {operationId: a, description: *i, responses: {'200': {description: ok}}}}}"
+    )
+    path = tmp_path / "lol.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(ImportFailed, match=r"^lol.yaml expands to over 2,000,000 values \(YAML aliases\?\)$"):
+        import_openapi(path, "s")
+    assert time.perf_counter() - started < 30  # bounded: a walk of 2 M values, not 387 M
+
+
+def test_refs_reach_no_url_and_no_file_outside_the_documents_folder(tmp_path: Path, stub: Stub) -> None:
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "creds.yaml").write_text(
+        "name: q\nin: query\ndescription: db_password=TopSecret\nschema: {type: string}\n"
+    )
+    (tmp_path / "api").mkdir()
+    cases = {
+        f"{stub.url}/ssrf#/x": "a $ref names a URL or an absolute path: only files beside the document",
+        str(tmp_path / "private" / "creds.yaml"): "a $ref names a URL or an absolute path",
+        "../private/creds.yaml": "a $ref names a file outside the document's folder",
+    }
+    for ref, message in cases.items():
+        path = tmp_path / "api" / "doc.json"
+        path.write_text(json.dumps({**MINIMAL, "paths": _op([{"$ref": ref}])}))
+        with pytest.raises(ImportFailed) as e:
+            import_openapi(path, "s")
+        assert str(e.value).startswith(message) and "TopSecret" not in str(e.value)
+    assert not [h for h in stub.hits if h.path == "/ssrf"]  # nothing was fetched
+
+
+BAD_PARAMETER = {"in": "query", "schema": {"type": "string"}}  # no name
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe\x00\x00garbage", "doc.yaml is not UTF-8 text"),
+        (b"[" * 100_000 + b"]" * 100_000, "doc.yaml is nested too deeply"),
+        (
+            json.dumps({**MINIMAL, "servers": [], "paths": _op([])}).encode(),
+            "the document names no server; give --base-url",
+        ),
+        (
+            json.dumps(
+                {
+                    **MINIMAL,
+                    "paths": _op([{"$ref": "#/components/parameters/p"}]),
+                    "components": {"parameters": {"p": BAD_PARAMETER}},
+                }
+            ).encode(),
+            "doc.yaml is not a valid OpenAPI document (components/parameters/p: the value is not valid",
+        ),
+        (
+            json.dumps({**MINIMAL, "paths": _op([{"$ref": "other.json"}])}).encode(),
+            "doc.yaml: cannot convert the document (KeyError",
+        ),
+    ],
+)
+def test_a_broken_document_is_one_line_naming_the_problem(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "doc.yaml"
+    path.write_bytes(content)
+    (tmp_path / "other.json").write_text(json.dumps(BAD_PARAMETER))
+    with pytest.raises(ImportFailed) as e:
+        import_openapi(path, "s")
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert "Error" not in str(e.value).split(":")[0]

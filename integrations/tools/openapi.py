@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from integrations.config.schema import check_url
 from integrations.tools.openapi_parts import Skip, operation_v2, operation_v3
+from integrations.tools.openapi_read import check_refs
 from integrations.tools.openapi_schema import ImportFailed, Resolver, read_document, validate_document
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -63,9 +64,28 @@ def import_openapi(
 ) -> Imported:
     """Read, validate and convert the document at ``path`` (see the module). Raises
     :class:`ImportFailed` for an unreadable or invalid document, or one with nothing to import."""
+    try:
+        return _import(path, service, base_url, tags, operations, allow_private_network)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, RecursionError) as e:
+        # A shape the validator lets through (or does not look at) and the converter cannot take.
+        raise ImportFailed(
+            f"{path.name}: cannot convert the document ({type(e).__name__} in a part the validator "
+            "does not check)"
+        ) from None
+
+
+def _import(
+    path: Path,
+    service: str,
+    base_url: str | None,
+    tags: tuple[str, ...],
+    operations: tuple[str, ...],
+    allow_private_network: bool,
+) -> Imported:
     doc = read_document(path)
     if not isinstance(doc, dict):
         raise ImportFailed(f"{path.name} is not an OpenAPI document")
+    check_refs(doc, path)
     version = validate_document(doc, path)
     r = Resolver(doc, path, version)
     info = doc.get("info") or {}
@@ -156,7 +176,9 @@ def server_url(doc: dict[str, Any], version: str) -> str:
         schemes = doc.get("schemes") or ["https"]
         scheme = "https" if "https" in schemes else str(schemes[0])
         return f"{scheme}://{doc['host']}{doc.get('basePath') or ''}"
-    servers = doc.get("servers") or [{"url": "/"}]
+    servers = doc.get("servers")
+    if not servers:
+        raise ImportFailed("the document names no server; give --base-url")
     server = servers[0]
     variables = server.get("variables") or {}
     url = re.sub(

@@ -13,37 +13,20 @@ schemas as JSON Schema 2020-12 with every reference resolved.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import yaml
+from integrations.tools.openapi_read import ImportFailed, read_document, ref_file
 
-from integrations.errors import IntegrationError
+__all__ = ["ImportFailed", "Resolver", "read_document", "validate_document"]
 
 DROP = ("discriminator", "xml", "externalDocs")
 #: Keywords whose value is a schema, and those whose value is a list or a mapping of schemas.
 ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
 MANY = ("allOf", "anyOf", "oneOf", "prefixItems")
 NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-
-
-class ImportFailed(IntegrationError):
-    """The document cannot be imported (unreadable, invalid, or nothing in it to call)."""
-
-
-def read_document(path: Path) -> Any:
-    """A JSON or YAML file as data."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ImportFailed(f"cannot read {path.name} ({e.strerror})") from None
-    try:
-        return json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError):
-        raise ImportFailed(f"{path.name} is neither JSON nor YAML") from None
 
 
 def validate_document(doc: dict[str, Any], path: Path) -> str:
@@ -59,7 +42,11 @@ def validate_document(doc: dict[str, Any], path: Path) -> str:
         validate(doc, base_uri=path.resolve().as_uri())
     except OpenAPIValidationError as e:
         where = "/".join(str(p) for p in getattr(e, "absolute_path", ())) or "document"
-        message = str(getattr(e, "message", e)).splitlines()[0][:200]
+        message = str(getattr(e, "message", e))
+        instance = getattr(e, "instance", None)
+        if instance is not None and repr(instance) in message:
+            message = message.replace(repr(instance), "the value")  # never the document's text
+        message = message.splitlines()[0][:200]
         raise ImportFailed(f"{path.name} is not a valid OpenAPI document ({where}: {message})") from None
     return major
 
@@ -84,11 +71,11 @@ class Resolver:
 
     def target(self, ref: str, base: Path) -> tuple[Any, Path, str]:
         """What ``ref`` (relative to file ``base``) points at, the file it is in, and its key."""
-        file_part, _, pointer = ref.partition("#")
-        where = (base.parent / unquote(file_part)).resolve() if file_part else base
+        pointer = ref.partition("#")[2]
+        where = ref_file(ref, base, self.base.parent) or base
         if where not in self.docs:
             if not where.is_file():
-                raise ImportFailed(f"$ref to a file that is not there ({file_part})")
+                raise ImportFailed("$ref to a file that is not there")
             self.docs[where] = read_document(where)
         node = self.docs[where]
         for part in [p for p in pointer.split("/") if p]:
