@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import json
 import os
 import threading
 import time
@@ -23,7 +22,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from integrations import redact, ssrf
+from integrations import jsonlimits, redact, ssrf
 from integrations.auth import Auth, QueryAuth, requests_auth
 from integrations.errors import CallError, PermanentError, RateLimited, TransientError
 from integrations.ssrf import Network
@@ -79,7 +78,9 @@ class Response:
         text = self.body.decode("utf-8", errors="replace")
         if "json" in self.headers.get("content-type", "").lower():
             try:
-                return json.loads(text)
+                return jsonlimits.loads(text)
+            except jsonlimits.TooDeep as e:
+                raise PermanentError(f"the answer's JSON is {e}", status_code=self.status_code) from None
             except ValueError:
                 return text
         return text

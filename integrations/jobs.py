@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from integrations import auth, ledger
 from integrations.config import get_settings
 from integrations.errors import InvalidParams, PermanentError, SubmitError, UnknownOperation, UnknownService
+from integrations.jsonlimits import too_deep
 from integrations.ledger.jobs import Claim
 from integrations.ledger.models import JobStatus
 from integrations.observability import journal, traces
@@ -45,18 +46,6 @@ def resolve(service: str, operation: str) -> tuple[Service, Operation]:
     return svc, op
 
 
-def _too_deep(value: Any, limit: int) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict | list | tuple):
-            if depth > limit:
-                return True
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
-    return False
-
-
 def prepare(service: str, operation: str, params: Any) -> dict[str, Any]:
     """Validate a call before anything is written; return the params as they will be sent.
 
@@ -64,9 +53,10 @@ def prepare(service: str, operation: str, params: Any) -> dict[str, Any]:
     are not JSON values, or that are larger than ``PARAMS_MAX_BYTES`` (they are stored)."""
     _, op = resolve(service, operation)
     where = f"{service}.{operation}"
-    if _too_deep(params, PARAMS_DEPTH_MAX):
+    if too_deep(params, PARAMS_DEPTH_MAX):
         raise InvalidParams(f"{where}: params are nested deeper than {PARAMS_DEPTH_MAX} levels")
     try:
+        json.dumps(params, allow_nan=False)  # NaN and infinities are no JSON, whatever the schema
         clean = op.validate_params(params)
         # Measured as the ledger stores it (SQLAlchemy's JSON: json.dumps, default separators).
         size = len(json.dumps(clean, allow_nan=False, ensure_ascii=False).encode("utf-8"))

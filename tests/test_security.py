@@ -516,6 +516,20 @@ def test_params_that_are_not_json_are_invalid_params_not_a_ledger_error(
     assert job_count() == before and published == []
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinities_are_refused_even_for_a_text_parameter(value: float, published: list[Any]) -> None:
+    before = job_count()
+    with pytest.raises(InvalidParams, match="params must be JSON values"):
+        call_service.delay("stub", "create", {"key": value, "title": "t"})  # key: a string
+    assert job_count() == before and published == []
+
+
+def test_an_answer_nested_too_deeply_fails_the_job_in_one_line(stub: Stub, key: str) -> None:
+    stub.plan(key, Reply(body=b"[" * 5000 + b"]" * 5000))  # sent as application/json
+    with pytest.raises(PermanentError, match=r"^the answer's JSON is nested deeper than 128 levels$"):
+        call_service.delay("stub", "echo", {"key": key}).get(timeout=20)
+
+
 def test_the_cli_reads_each_value_as_its_parameter_is_declared(stub: Stub, key: str) -> None:
     # key is a string: "1e3" stays text (JSON would read 1000.0); n is an integer.
     out = cli("call", "stub", "echo", f"key={key}1e3", "n=7", "--wait", "--timeout", "30")

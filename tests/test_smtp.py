@@ -206,6 +206,8 @@ def test_a_partial_refusal_delivers_to_the_rest_and_lists_the_refused(server: Ha
         ({"headers": {"X-Note": "a\rb"}}, "headers.X-Note: must not contain a line break"),
         ({"headers": {"X-Evil\r\nBcc": "x"}}, "headers: must not contain a line break"),
         ({"from": "agent@example.com\x00"}, "from: must not contain a line break"),
+        ({"subject": "hi\u2028Bcc: victim@example.com"}, "subject: must not contain a line break"),
+        ({"headers": {"X-Note": "a\x85b"}}, "headers.X-Note: must not contain a line break"),
         (
             {"attachments": [{"filename": "a\n.txt", "content": ""}]},
             "attachments.0.filename: must not contain a line break",
@@ -292,6 +294,14 @@ def test_the_config_refuses_plain_smtp_off_loopback_and_half_credentials() -> No
         SmtpService(name="x", host="127.0.0.1", security="plain").describe()
         == "smtp, 127.0.0.1:25, plain, no auth"
     )
+    only = SmtpService(name="x", host="smtp.example.com", senders=("agent@example.com", "@acme.example"))
+    send_op = only.catalog()["send"]
+    base = {"to": ["bob@example.org"], "subject": "hi", "text": "."}
+    for allowed in ("agent@example.com", "Agent <AGENT@example.com>", "Sales <sales@acme.example>"):
+        assert send_op.validate_params({**base, "from": allowed})["from"] == allowed
+    for refused in ("ceo@example.com", "agent@sub.acme.example", "agent@example.com.evil.example"):
+        with pytest.raises(InvalidParams, match=r"^from: not one of the service's senders$"):
+            send_op.validate_params({**base, "from": refused})
     schema = SmtpService(name="x", host="smtp.example.com").catalog()["send"].parameters
     assert schema["required"] == ["from", "to", "subject"] and schema["additionalProperties"] is False
 

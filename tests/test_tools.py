@@ -324,3 +324,21 @@ def test_cli_prints_the_definitions() -> None:
     assert [t["name"] for t in json.loads(out.stdout)] == [ECHO]
     bad = cli("tools", "--service", "nosuch")
     assert bad.returncode == 2 and re.search(r"unknown service 'nosuch'", bad.stderr)
+
+
+def test_arguments_nested_too_deeply_are_a_result_the_model_reads() -> None:
+    from tasks.tools import run as run_tool
+
+    call = {
+        "id": "call_deep",
+        "type": "function",
+        "function": {"name": "stub__echo", "arguments": "[" * 5000},
+    }
+    assert json.loads(run_tool(call, wait=1)["content"]) == {"error": "arguments are not JSON"}
+    deep: Any = "x"
+    for _ in range(2000):
+        deep = {"a": deep}
+    block = {"type": "tool_use", "id": "toolu_deep", "name": "stub__echo", "input": {"key": deep}}
+    result = run_tool(block, wait=1)
+    assert result["is_error"] is True
+    assert json.loads(result["content"]) == {"error": "the arguments are nested deeper than 32 levels"}

@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol, TypedDict
 
 from pydantic import Field
 
-from integrations import http, redact
+from integrations import http, jsonlimits, redact
 from integrations.errors import CallError, InvalidParams, PermanentError, RateLimited, TransientError
 from integrations.services.base import Operation
 from integrations.services.params import check_schema, object_schema
@@ -267,8 +267,8 @@ def _check_schema(schema: Any, where: str) -> None:
 def parse_arguments(text: str) -> Any:
     """A tool call's arguments parsed; the text itself when it is not JSON (models slip)."""
     try:
-        return json.loads(text) if text.strip() else {}
-    except ValueError:
+        return jsonlimits.loads(text) if text.strip() else {}
+    except ValueError:  # TooDeep included
         return text
 
 

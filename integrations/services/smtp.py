@@ -69,6 +69,9 @@ class SmtpService(Service):
     allowed_networks: tuple[IPv4Network | IPv6Network, ...] = ()
     #: The attachments of one message, decoded, in bytes at most (checked at submit).
     attachments_max_bytes: int = Field(10 * 1024 * 1024, ge=0, le=100 * 1024 * 1024)
+    #: The addresses (``ada@example.com``) and whole domains (``@example.com``) a message may be
+    #: from; empty: any the server accepts (an agent could then send as anyone the relay allows).
+    senders: tuple[str, ...] = ()
     #: The domain of Message-IDs (default: the sender's).
     message_id_domain: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]{1,253}$")
     #: The name given in EHLO (default: this machine's fully qualified name).
@@ -106,7 +109,9 @@ class SmtpService(Service):
 
     def catalog(self) -> Mapping[str, Operation]:
         if self._ops is None:
-            self._ops = {"send": SendOperation(attachments_max_bytes=self.attachments_max_bytes)}
+            self._ops = {
+                "send": SendOperation(attachments_max_bytes=self.attachments_max_bytes, senders=self.senders)
+            }
         return self._ops
 
     def call(self, op: Operation, params: dict[str, Any], attempt: Attempt) -> Outcome:

@@ -47,12 +47,14 @@ RESERVED = frozenset(
         "content-disposition",
     }
 )
-_BREAKS = "\r\n\x00"
+#: CR, LF, NUL, and what else Python counts as a line boundary (VT, FF, FS, GS, RS, NEL,
+#: U+2028, U+2029): the email package refuses those in a header, so they are refused at submit.
+_BREAKS = "\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 #: A header name: printable US-ASCII but the colon (RFC 5322 3.6.8).
 _HEADER_NAME = r"^[!-9;-~]{1,76}$"
 _MIME_TYPE = r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
 #: What a header value may not contain, as JSON Schema says it (ECMA 262 and Python alike).
-_NO_BREAKS: dict[str, Any] = {"not": {"pattern": r"[\r\n\x00]"}}
+_NO_BREAKS: dict[str, Any] = {"not": {"pattern": "[" + _BREAKS + "]"}}
 
 
 def _address(description: str) -> dict[str, Any]:
@@ -137,6 +139,9 @@ class SendOperation(Operation):
 
     description: str = "Send an email (to, cc, bcc, subject, text and/or html, attachments)."
     attachments_max_bytes: int = Field(ge=0)
+    #: The addresses (``ada@example.com``) and domains (``@example.com``) ``from`` may name;
+    #: empty: any the server accepts.
+    senders: tuple[str, ...] = ()
 
     def build_parameters(self) -> dict[str, Any]:
         return send_schema(self.attachments_max_bytes)
@@ -148,13 +153,15 @@ class SendOperation(Operation):
         if isinstance(params, dict):
             for where, value in _header_values(params):
                 if any(c in value for c in _BREAKS):
-                    raise InvalidParams(f"{where}: must not contain a line break (CR or LF) or NUL")
+                    raise InvalidParams(f"{where}: must not contain a line break (CR, LF, U+2028...) or NUL")
         clean = super().validate_params(params)
         for where, value in _address_values(clean):
             if parse_address(value) is None:
                 raise InvalidParams(
                     f"{where}: not an email address (ada@example.com or Name <ada@example.com>)"
                 )
+        if self.senders and not _allowed_sender(clean["from"], self.senders):
+            raise InvalidParams("from: not one of the service's senders")
         if len(recipients(clean)) > RECIPIENTS_MAX:
             raise InvalidParams(f"to, cc, bcc: more than {RECIPIENTS_MAX} recipients in all")
         for name in clean.get("headers", {}):
@@ -203,6 +210,14 @@ def _address_values(clean: dict[str, Any]) -> list[tuple[str, str]]:
     for name in ("to", "cc", "bcc", "reply_to"):
         out += [(f"{name}.{i}", v) for i, v in enumerate(clean.get(name, []))]
     return out
+
+
+def _allowed_sender(value: str, senders: tuple[str, ...]) -> bool:
+    address = parse_address(value)
+    if address is None:
+        return False
+    addr, domain = address.addr_spec.lower(), "@" + address.domain.lower()
+    return any(s.lower() in (addr, domain) for s in senders)
 
 
 def parse_address(value: str) -> Address | None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from integrations.errors import IntegrationError, InvalidParams, SubmitError
+from integrations.jobs import PARAMS_DEPTH_MAX
+from integrations.jsonlimits import too_deep
 from integrations.ledger import jobs as ledger
 from integrations.tools.definitions import index
 
@@ -77,7 +79,7 @@ def parse_call(tool_call: Any) -> ToolCall:
         raw = function.get("arguments") or "{}"
         try:
             arguments = json.loads(raw) if isinstance(raw, str) else raw
-        except ValueError:
+        except (ValueError, RecursionError):
             return ToolCall(
                 "openai", data["id"], str(function.get("name", "")), None, "arguments are not JSON"
             )
@@ -130,6 +132,8 @@ def call_tool(
         return True, {"error": f"no tool named {name[:80]!r} is available to this agent"}
     if not isinstance(arguments, dict):
         return True, {"error": "the arguments must be a JSON object"}
+    if too_deep(arguments, PARAMS_DEPTH_MAX):
+        return True, {"error": f"the arguments are nested deeper than {PARAMS_DEPTH_MAX} levels"}
     if tool.per_user and connection is None:
         return True, {"error": f"tool {tool.name} acts for an end user: it runs with a connection"}
     try:

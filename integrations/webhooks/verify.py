@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 
 from integrations.config import WebhookSource
 from integrations.errors import BadSignature, MalformedBody
+from integrations.jsonlimits import too_deep
 
 #: How far a signed timestamp may be from our clock, either way (seconds).
 TOLERANCE = 300
@@ -90,7 +91,7 @@ def _json(body: bytes) -> Any:
         raise MalformedBody(f"body is nested deeper than {JSON_DEPTH_MAX} levels") from None
     except ValueError:
         raise MalformedBody("body is not valid JSON") from None
-    if _too_deep(value, JSON_DEPTH_MAX):
+    if too_deep(value, JSON_DEPTH_MAX):
         raise MalformedBody(f"body is nested deeper than {JSON_DEPTH_MAX} levels")
     return value
 
@@ -104,19 +105,6 @@ def _finite(text: str) -> float:
     if value in (float("inf"), float("-inf")):
         raise MalformedBody("body holds a number too large for JSON")
     return value
-
-
-def _too_deep(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests lists and objects more than ``limit`` deep (without recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            if depth > limit:
-                return True
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
 
 
 def _content_type(headers: Mapping[str, str]) -> str:
