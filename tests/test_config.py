@@ -266,3 +266,12 @@ def test_a_default_stands_in_for_an_unset_variable_only(
     )
     # A value from the environment in a header is a credential to mask; a default is not.
     assert SECRET in api.secret_values() and "eu" not in api.secret_values()
+
+
+def test_a_duration_beyond_a_century_is_refused_in_one_line() -> None:
+    from integrations.config.durations import parse_duration
+
+    assert parse_duration("36500d").days == 36500
+    for text in ("99999999999d", "1000000d", "1e400s"):
+        with pytest.raises(ValueError, match=r"^must be"):
+            parse_duration(text)

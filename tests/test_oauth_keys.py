@@ -178,3 +178,28 @@ def test_a_malformed_key_list_is_refused_naming_the_entry_not_the_value() -> Non
     out = cli("keys", "status", env=keys_env(INTEGRATIONS_KEY, bad))
     assert out.returncode == 2
     assert "INTEGRATIONS_KEYS: key 2 is not a Fernet key" in out.stderr and bad not in out.stderr
+
+
+def test_a_connection_whose_key_is_lost_can_still_be_revoked_locally() -> None:
+    name = "lost" + uuid.uuid4().hex[:8]
+    store = (
+        "from integrations.auth import tokens\nfrom integrations.auth.endpoints import Tokens\n"
+        "from integrations.services import get_services\n"
+        f"tokens.store(get_services()['oauth_user'], {name!r}, Tokens('at-lost', 'rt-lost'))\n"
+    )
+    stored = python(store, keys_env(NEW_KEY))  # under a key this deployment no longer has
+    assert stored.returncode == 0, stored.stderr[-2000:]
+    told = cli("connections", "revoke", name, "--service", "oauth_user", env=keys_env(INTEGRATIONS_KEY))
+    assert told.returncode != 0 and "cannot be decrypted" in told.stderr  # the provider needs the token
+    out = cli(
+        "connections",
+        "revoke",
+        name,
+        "--service",
+        "oauth_user",
+        "--local-only",
+        env=keys_env(INTEGRATIONS_KEY),
+    )
+    assert out.returncode == 0, out.stderr
+    row = ledger.get("oauth_user", name)
+    assert row is not None and row.status == "revoked" and row.tokens is None

@@ -282,9 +282,10 @@ def revoke(svc: TokenService, name: str, remote: bool = True) -> bool:
     with single_flight(svc, name), ledger.for_refresh(svc.name, name) as held:
         if held.row is None:
             raise PermanentError(f"{_label(svc, name)} does not exist")
-        secret = _open(held.row)
         url = getattr(auth, "revoke_url", None)
-        if remote and url and secret is not None and isinstance(auth, OAuth2 | OAuth2ClientCredentials):
+        # Local only: the tokens go unread, so a connection whose key is lost can still go.
+        secret = _open(held.row) if remote and url else None
+        if secret is not None and isinstance(auth, OAuth2 | OAuth2ClientCredentials):
             if secret.refresh_token:
                 endpoints.revoke(svc, auth, secret.refresh_token, "refresh_token")
             elif secret.access_token:

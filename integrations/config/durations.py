@@ -6,6 +6,8 @@ import datetime as dt
 import re
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: Longer than any ledger is kept, and within what dates can hold when subtracted from today.
+LONGEST = dt.timedelta(days=100 * 366)
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", re.IGNORECASE)
 
 
@@ -17,7 +19,10 @@ def parse_duration(text: str) -> dt.timedelta:
     m = _DURATION.fullmatch(text)
     if m is None or float(m.group(1)) <= 0:
         raise ValueError("must be a positive number and a unit: s, m, h, d or w (e.g. 30m, 7d)")
-    return dt.timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2).lower()])
+    seconds = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if seconds > LONGEST.total_seconds():
+        raise ValueError("must be at most 100 years")
+    return dt.timedelta(seconds=seconds)
 
 
 def format_duration(span: dt.timedelta) -> str:
