@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,29 @@ def test_tokens_file_keeps_hashes_only(tmp_path: Path) -> None:
     token = out.stdout.strip()
     assert token.startswith("mcp_") and token not in path.read_text()
     assert path.read_text() == f"{token_hash(token)} helper\n" and (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_http_reads_the_tokens_file_again_when_it_changes(http_server: tuple[str, Path]) -> None:
+    url, log = http_server
+    tokens = log.parent / "tokens"
+    original = tokens.read_text()
+    fresh = "mcp_" + uuid.uuid4().hex
+
+    def status(token: str) -> int:
+        body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+        return requests.post(url, json=body, headers=headers, timeout=5).status_code
+
+    assert status(fresh) == 401
+    try:
+        tokens.write_text(original + f"{token_hash(fresh)} helper\n")  # integrations mcp-token does this
+        assert status(fresh) != 401
+        tokens.write_text(original)  # the line removed: the token is revoked, no restart
+        assert status(fresh) == 401
+        assert status(TOKENS["helper"]) != 401
+        tokens.write_text("not a tokens file\n")  # a botched edit admits no one, and says so
+        assert status(TOKENS["helper"]) == 401
+        assert "MCP tokens file not read" in log.read_text()
+    finally:
+        tokens.write_text(original)
+    assert status(TOKENS["helper"]) != 401

@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from integrations.config import Settings, get_settings
 from integrations.errors import ConfigError
+from integrations.observability import logs
 from integrations.tools import calls
 from integrations.tools.calls import Submitter
 from integrations.tools.definitions import render, tools
@@ -79,6 +80,36 @@ def load_tokens(path: Path) -> dict[str, str]:
             raise ConfigError(f"MCP_TOKENS_FILE line {number}: expected '<sha256 of the token, hex> <agent>'")
         tokens[m.group(1)] = m.group(2)
     return tokens
+
+
+class TokensFile:
+    """The tokens file as it is now: read again when it changes, so a line removed revokes its
+    token and a line added (``integrations mcp-token``) admits one, without a restart. A file
+    that turns unreadable or malformed admits no one until it is fixed (logged)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, int, int] | None = None
+        self._tokens = load_tokens(path)  # at start, a bad file stops the server
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def agent(self, token_digest: str) -> str | None:
+        stamp = self._stamp()
+        if stamp != self._seen:
+            self._seen = stamp
+            try:
+                self._tokens = load_tokens(self.path)
+            except ConfigError as e:
+                self._tokens = {}
+                log.error("MCP tokens file not read; every request is refused until it is fixed: %s", e)
+        return self._tokens.get(token_digest)
 
 
 def build_server(
@@ -171,7 +202,7 @@ class BearerGate:
     token, as that token's agent (the SDK's ``AuthenticatedUser``, which also binds each MCP
     session to its agent)."""
 
-    def __init__(self, app: ASGIApp, tokens: dict[str, str], allowed: TransportSecuritySettings) -> None:
+    def __init__(self, app: ASGIApp, tokens: TokensFile, allowed: TransportSecuritySettings) -> None:
         self.app, self.tokens, self.allowed = app, tokens, allowed
 
     def _origin_ok(self, origin: str | None) -> bool:
@@ -194,7 +225,7 @@ class BearerGate:
             return
         scheme, _, token = headers.get("authorization", "").partition(" ")
         agent = (
-            self.tokens.get(token_hash(token.strip()))
+            self.tokens.agent(token_hash(token.strip()))
             if scheme.lower() == "bearer" and token.strip()
             else None
         )
@@ -216,7 +247,7 @@ def http_app(submitter: Submitter, settings: Settings | None = None) -> ASGIApp:
     settings = settings or get_settings()
     if settings.mcp_tokens_file is None:
         raise ConfigError("MCP_TOKENS_FILE: set it to a tokens file (integrations mcp-token AGENT makes one)")
-    tokens = load_tokens(settings.mcp_tokens_file)
+    tokens = TokensFile(settings.mcp_tokens_file)
     allowed = security(settings)
     server = build_server(submitter, _agent_of_request)
     app = server.streamable_http_app(transport_security=allowed, host=settings.mcp_host)
@@ -226,10 +257,17 @@ def http_app(submitter: Submitter, settings: Settings | None = None) -> ASGIApp:
 def serve_http(submitter: Submitter) -> None:
     import uvicorn
 
-    from integrations import redact
-
-    redact.install()
     s = get_settings()
+    logs.setup(s.log_level, s.log_format)  # redacting, in LOG_FORMAT; uvicorn's lines too
+    # sse_starlette logs every event it sends at DEBUG: tool results (rows, files, mail).
+    logging.getLogger("sse_starlette").setLevel(max(logging.INFO, logging.getLogger().level))
     app = http_app(submitter, s)
     log.warning("MCP over Streamable HTTP at http://%s:%s/mcp", s.mcp_host, s.mcp_port)
-    uvicorn.run(app, host=s.mcp_host, port=s.mcp_port, log_level=s.log_level.lower(), access_log=False)
+    uvicorn.run(
+        app,
+        host=s.mcp_host,
+        port=s.mcp_port,
+        log_level=s.log_level.lower(),
+        access_log=False,
+        log_config=None,
+    )
