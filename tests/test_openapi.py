@@ -1,4 +1,4 @@
-"""`integrations import-openapi`: the published OpenAPI examples (../shared/specs), a Swagger 2.0
+"""`integrations import-openapi`: the published OpenAPI examples (tests/specs/oai), a Swagger 2.0
 document, and a large generated one, imported, loaded as services files, and called against a
 loopback server generated from the same document that checks every request with openapi-core."""
 
@@ -27,8 +27,8 @@ from integrations.tools.openapi import import_openapi
 from integrations.tools.openapi_schema import ImportFailed
 from integrations.tools.openapi_write import merge, render
 
-#: The shared material beside the repository (../shared/specs from its root).
-SPECS = Path(__file__).resolve().parent.parent.parent / "shared" / "specs"
+#: The OpenAPI Initiative's published examples (tests/specs/oai/NOTICE).
+SPECS = Path(__file__).resolve().parent / "specs" / "oai"
 HERE = Path(__file__).resolve().parent
 
 
