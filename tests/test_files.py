@@ -208,6 +208,16 @@ def test_every_refusal_is_permanent_and_names_the_rule(op: str, params: dict[str
     assert refused("files_rw", op, **params) == message
 
 
+def test_a_hard_link_to_a_file_outside_the_root_is_not_read() -> None:
+    os.link(OUTSIDE / "secret.txt", RW / "hard.txt")
+    try:
+        assert refused("files_rw", "read", path="hard.txt") == (
+            "path: a file with more than one hard link is not read"
+        )
+    finally:
+        (RW / "hard.txt").unlink()
+
+
 def test_a_directory_swapped_for_a_symlink_never_lets_a_read_or_write_out() -> None:
     """A thread flips ``swap`` between a directory inside and a symlink to the outside while jobs
     read and write under it: every read sees the inside file or is refused, nothing is written

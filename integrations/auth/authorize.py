@@ -119,14 +119,21 @@ def complete(state: str | None, code: str | None, error: str | None) -> Result:
     svc, auth = found, found.auth
     try:
         verifier = get_keys().decrypt(taken.verifier, taken.key_id).decode()
+    except ConfigError as e:  # ours, not the provider's: the operator is told, the user is not
+        log.error("authorization of connection %s of %s: %s", taken.connection, svc.name, e)
+        return Result(500, False, "This server cannot complete the authorization now; try later.", **where)
+    try:
         granted = endpoints.exchange_code(svc, auth, code, verifier, taken.redirect_uri)
         tokens.store(svc, taken.connection, granted)
     except TransientError as e:
         log.warning("authorization of connection %s of %s: %s", taken.connection, svc.name, e)
         return Result(502, False, f"The token endpoint could not be reached ({e}); start again.", **where)
-    except (CallError, ConfigError) as e:
+    except CallError as e:
         log.warning("authorization of connection %s of %s refused: %s", taken.connection, svc.name, e)
         return Result(400, False, f"The provider refused the authorization code: {e}", **where)
+    except ConfigError as e:  # the tokens could not be encrypted here
+        log.error("authorization of connection %s of %s: %s", taken.connection, svc.name, e)
+        return Result(500, False, "This server cannot complete the authorization now; try later.", **where)
     row = ledger.get(svc.name, taken.connection)
     tokens.announce(svc.name, taken.connection, "authorized", {}, row.version if row else 0)
     return Result(200, True, "The connection is authorized; you can close this page.", **where)

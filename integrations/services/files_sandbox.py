@@ -218,9 +218,13 @@ def open_file(at: Located, where: str, flags: int = os.O_RDONLY) -> int:
         fd = os.open(at.name, flags | _FILE, dir_fd=at.dir_fd)
     except OSError as e:
         raise os_error(e, where) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between the check and the open
+    opened = os.fstat(fd)
+    if not stat.S_ISREG(opened.st_mode):  # swapped between the check and the open
         os.close(fd)
         raise Refused(f"{where}: not a regular file")
+    if opened.st_nlink > 1:  # a hard link may name a file outside the root: never read one
+        os.close(fd)
+        raise Refused(f"{where}: a file with more than one hard link is not read")
     return fd
 
 
