@@ -26,7 +26,7 @@ from fastapi import FastAPI
 import beat_schedule
 from integrations.config import get_settings
 from integrations.errors import ConfigError
-from integrations.observability import logs, metrics, traces
+from integrations.observability import logs, metrics, metrics_exporter, traces
 from integrations.observability.asgi import ObservedReceiver
 from tasks.celeryapp import app
 
@@ -98,8 +98,8 @@ def serve_exporter(stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    registry = metrics.exporter_registry(queue_depths)
-    metrics.serve(registry, s.metrics_host, s.metrics_port, stop)
+    registry = metrics_exporter.exporter_registry(queue_depths)
+    metrics_exporter.serve(registry, s.metrics_host, s.metrics_port, stop)
 
 
 def cli_logging() -> None:

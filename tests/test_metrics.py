@@ -27,7 +27,7 @@ from stub import Reply, Stub
 
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import Event, Job, JobAttempt
-from integrations.observability import metrics
+from integrations.observability import metrics, metrics_exporter
 
 SUBMIT = """
 import json
@@ -58,7 +58,7 @@ def _delivery(source_secret: str, payload: dict[str, Any]) -> tuple[bytes, dict[
 def _scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     r = requests.get(url, timeout=10)
     r.raise_for_status()
-    return metrics.parse(r.text)
+    return metrics_exporter.parse(r.text)
 
 
 def test_the_counters_scraped_during_a_real_run_match_the_ledger(tmp_path: Path, stub: Stub) -> None:
@@ -114,7 +114,7 @@ def test_the_counters_scraped_during_a_real_run_match_the_ledger(tmp_path: Path,
         # Every job has settled: the counters are complete once the last child wrote its share.
         def complete() -> dict[Any, float] | None:
             samples = _scrape(exporter_url)
-            done = metrics.value(samples, "integrations_jobs_finished_total")
+            done = metrics_exporter.value(samples, "integrations_jobs_finished_total")
             return samples if done >= len(ids) else None
 
         scraped = wait_for(
@@ -145,16 +145,24 @@ def test_the_counters_scraped_during_a_real_run_match_the_ledger(tmp_path: Path,
     # Jobs: submitted (by the agent's process), finished by outcome, and their durations.
     for service, _, status, count in jobs:
         assert (
-            metrics.value(scraped, "integrations_jobs_finished_total", service=service, outcome=status)
+            metrics_exporter.value(
+                scraped, "integrations_jobs_finished_total", service=service, outcome=status
+            )
             == count
         )
         assert (
-            metrics.value(scraped, "integrations_job_seconds_count", service=service, outcome=status) == count
+            metrics_exporter.value(scraped, "integrations_job_seconds_count", service=service, outcome=status)
+            == count
         )
     for service in ("stub", "stub_global", "llm_openai"):
         submitted = sum(1 for s, *_ in plan if s == service)
-        assert metrics.value(scraped, "integrations_jobs_submitted_total", service=service) == submitted
-    assert metrics.value(scraped, "integrations_jobs_finished_total", service="stub", outcome="failed") == 2
+        assert (
+            metrics_exporter.value(scraped, "integrations_jobs_submitted_total", service=service) == submitted
+        )
+    assert (
+        metrics_exporter.value(scraped, "integrations_jobs_finished_total", service="stub", outcome="failed")
+        == 2
+    )
     # Attempts by outcome and upstream status code, retries, as the ledger's attempt rows say.
     by_outcome: dict[tuple[str, str], int] = {}
     by_code: dict[tuple[str, str], int] = {}
@@ -163,66 +171,86 @@ def test_the_counters_scraped_during_a_real_run_match_the_ledger(tmp_path: Path,
         by_code[(service, str(status_code))] = by_code.get((service, str(status_code)), 0) + count
     for (service, outcome), count in by_outcome.items():
         assert (
-            metrics.value(scraped, "integrations_job_attempts_total", service=service, outcome=outcome)
+            metrics_exporter.value(
+                scraped, "integrations_job_attempts_total", service=service, outcome=outcome
+            )
             == count
         )
     for (service, code), count in by_code.items():
         assert (
-            metrics.value(scraped, "integrations_upstream_responses_total", service=service, code=code)
+            metrics_exporter.value(
+                scraped, "integrations_upstream_responses_total", service=service, code=code
+            )
             == count
         )
     assert by_outcome[("stub", "retrying")] == 2
     assert (
-        metrics.value(scraped, "integrations_jobs_retried_total", service="stub", error="TransientError") == 2
+        metrics_exporter.value(
+            scraped, "integrations_jobs_retried_total", service="stub", error="TransientError"
+        )
+        == 2
     )
     total_attempts = sum(by_outcome.values())
-    assert metrics.value(scraped, "integrations_attempt_seconds_count") == total_attempts
+    assert metrics_exporter.value(scraped, "integrations_attempt_seconds_count") == total_attempts
     # The limiter: every call of stub_global went on a slot taken at its time; each run it put
     # off kept a slot ahead, and was counted as deferred for the limit.
     global_calls = by_outcome[("stub_global", "succeeded")]
     assert (
-        metrics.value(scraped, "integrations_limiter_slots_total", service="stub_global", when="now")
+        metrics_exporter.value(scraped, "integrations_limiter_slots_total", service="stub_global", when="now")
         == global_calls
     )
-    deferred = metrics.value(
+    deferred = metrics_exporter.value(
         scraped, "integrations_jobs_deferred_total", service="stub_global", cause="limit"
     )
     assert deferred >= 1
     assert (
-        metrics.value(scraped, "integrations_limiter_slots_total", service="stub_global", when="ahead")
+        metrics_exporter.value(
+            scraped, "integrations_limiter_slots_total", service="stub_global", when="ahead"
+        )
         == deferred
     )
     assert (
-        metrics.value(scraped, "integrations_limiter_wait_seconds_count", service="stub_global") == deferred
+        metrics_exporter.value(scraped, "integrations_limiter_wait_seconds_count", service="stub_global")
+        == deferred
     )
     # The LLM's tokens, as the jobs recorded them.
     assert len(llm.hits) == 2 and used[0] and used[1]
     assert (
-        metrics.value(scraped, "integrations_llm_tokens_total", service="llm_openai", direction="input")
+        metrics_exporter.value(
+            scraped, "integrations_llm_tokens_total", service="llm_openai", direction="input"
+        )
         == used[0]
     )
     assert (
-        metrics.value(scraped, "integrations_llm_tokens_total", service="llm_openai", direction="output")
+        metrics_exporter.value(
+            scraped, "integrations_llm_tokens_total", service="llm_openai", direction="output"
+        )
         == used[1]
     )
     # The state read from elsewhere: nothing open for these services, the broker's queue empty,
     # every breaker closed, each source read.
-    assert metrics.value(scraped, "integrations_queue_messages", queue="integrations") == 0
-    assert metrics.value(scraped, "integrations_breaker_state", service="stub") == 0
+    assert metrics_exporter.value(scraped, "integrations_queue_messages", queue="integrations") == 0
+    assert metrics_exporter.value(scraped, "integrations_breaker_state", service="stub") == 0
     for source in ("ledger", "redis", "broker"):
-        assert metrics.value(scraped, "integrations_exporter_source_up", source=source) == 1
+        assert metrics_exporter.value(scraped, "integrations_exporter_source_up", source=source) == 1
     # The receiver counts what it answered, by source; the exporter leaves that to it.
     assert (
-        metrics.value(at_receiver, "integrations_webhooks_received_total", source="gh", code="202")
+        metrics_exporter.value(at_receiver, "integrations_webhooks_received_total", source="gh", code="202")
         == stored
         == 3
     )
-    assert metrics.value(at_receiver, "integrations_webhooks_received_total", source="gh", code="401") == 1
     assert (
-        metrics.value(at_receiver, "integrations_webhooks_received_total", source="unknown", code="404") == 1
+        metrics_exporter.value(at_receiver, "integrations_webhooks_received_total", source="gh", code="401")
+        == 1
     )
-    assert metrics.value(scraped, "integrations_webhooks_received_total") == 0
-    assert metrics.value(at_receiver, "integrations_jobs_finished_total") == 0
+    assert (
+        metrics_exporter.value(
+            at_receiver, "integrations_webhooks_received_total", source="unknown", code="404"
+        )
+        == 1
+    )
+    assert metrics_exporter.value(scraped, "integrations_webhooks_received_total") == 0
+    assert metrics_exporter.value(at_receiver, "integrations_jobs_finished_total") == 0
     # No label holds a job id or an agent's name, and the files are the owner's alone.
     assert not any(re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-", v) for (_, ls) in scraped for _, v in ls)
     assert folder.stat().st_mode & 0o777 == 0o700
@@ -258,13 +286,16 @@ def test_the_open_jobs_gauges_are_the_ledgers_grouped_counts(tmp_path: Path) -> 
             ).scalar_one()
         assert queued >= 3
         assert (
-            metrics.value(scraped, "integrations_jobs_open", service="obs_queued", status="queued") == queued
+            metrics_exporter.value(scraped, "integrations_jobs_open", service="obs_queued", status="queued")
+            == queued
         )
         assert (
-            metrics.value(scraped, "integrations_jobs_oldest_seconds", service="obs_queued", status="queued")
+            metrics_exporter.value(
+                scraped, "integrations_jobs_oldest_seconds", service="obs_queued", status="queued"
+            )
             >= 0
         )
-        assert metrics.value(scraped, "integrations_queue_messages", queue="integrations") == 3
+        assert metrics_exporter.value(scraped, "integrations_queue_messages", queue="integrations") == 3
     finally:
         with get_engine().begin() as conn:
             conn.execute(delete(Job).where(Job.id.in_(out.stdout.split())))
@@ -308,14 +339,16 @@ def served_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
                 metrics.webhook_received("gh", 202)
                 metrics.delivery_tried("succeeded")
                 metrics.mailbox_polled("mail_repeat", "ok", 1, 1)
-            text = metrics.render(metrics.exporter_registry(queue_depths, folder))[0].decode()
-            text += metrics.render(metrics.receiver_registry(folder))[0].decode()
+            text = metrics_exporter.render(metrics_exporter.exporter_registry(queue_depths, folder))[
+                0
+            ].decode()
+            text += metrics_exporter.render(metrics_exporter.receiver_registry(folder))[0].decode()
             settings.get_settings.cache_clear()
     finally:
         for name in ("_role", "_checked", "_metrics"):
             setattr(metrics, name, saved[name])
         values.ValueClass = value_class
-    return metrics.family_names(text)
+    return metrics_exporter.family_names(text)
 
 
 def _referenced(expr: str) -> set[str]:

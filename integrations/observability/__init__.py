@@ -1,8 +1,9 @@
 """What an operator watches: Prometheus metrics, structured logs and OpenTelemetry traces.
 
 - :mod:`~integrations.observability.metrics`: the counters and histograms every process records
-  (prometheus_client's multiprocess files), and the exporter that serves them with the ledger's,
-  the breakers' and the broker's state.
+  (prometheus_client's multiprocess files); :mod:`~integrations.observability.metrics_exporter`:
+  the exporter that serves them with the ledger's, the breakers' and the broker's state, and
+  the receiver's ``/metrics``.
 - :mod:`~integrations.observability.logs`: the JSON and text formatters, and the filter that
   keeps beat's idle housekeeping at DEBUG.
 - :mod:`~integrations.observability.traces`: spans of our own, the trace context a job carries,

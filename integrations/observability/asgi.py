@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 
-from integrations.observability import metrics, traces
+from integrations.observability import metrics, metrics_exporter, traces
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -38,7 +38,7 @@ class ObservedReceiver:
         path: str = scope["path"]
         if self.serve_metrics and path == "/metrics" and scope["method"] in ("GET", "HEAD"):
             if self._registry is None:
-                self._registry = metrics.receiver_registry()
+                self._registry = metrics_exporter.receiver_registry()
             await _metrics(send, self._registry)
             return
         if not path.startswith(_PREFIX):
@@ -63,7 +63,7 @@ class ObservedReceiver:
 
 
 async def _metrics(send: Send, registry: Any) -> None:
-    body, content_type = metrics.render(registry)
+    body, content_type = metrics_exporter.render(registry)
     headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
