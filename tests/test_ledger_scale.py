@@ -412,7 +412,7 @@ def test_a_retention_that_is_not_a_duration_stops_the_settings(monkeypatch: pyte
     from integrations.config import load_settings
 
     monkeypatch.setenv("LEDGER_RETENTION", "30 days")
-    with pytest.raises(ConfigError, match="ledger_retention: must be a positive number and a unit"):
+    with pytest.raises(ConfigError, match="LEDGER_RETENTION: must be a positive number and a unit"):
         load_settings()
 
 
