@@ -67,8 +67,12 @@ test-tools:
 	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# Two test processes, a test file each at a time (pytest-xdist); each has its own database and
+# Redis databases (tests/conftest.py). TEST_PROCESSES=1 runs them in this process.
+TEST_PROCESSES ?= 2
+
 test: $(STAMP) test-tools
-	$(BIN)/pytest
+	$(BIN)/pytest $$( [ "$(TEST_PROCESSES)" -gt 1 ] && echo "-n $(TEST_PROCESSES) --dist loadfile" )
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -31,13 +31,22 @@ from private_ca import make_ca  # noqa: E402
 from smtp_server import make_certs  # noqa: E402
 from stub import Stub, TlsStub  # noqa: E402
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+#: Under pytest-xdist (`make test` runs two processes, a test file each at a time) each process
+#: has a database and two Redis databases of its own: gw0 the ones named, gw1 the next ones.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_N = int(XDIST_WORKER[2:]) if XDIST_WORKER[2:].isdigit() else 0
+
+_redis = make_url(os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13"))
+_redis = _redis.set(database=str((int(_redis.database or 0) - 4 * _N) % 16))
+REDIS_URL = _redis.render_as_string(hide_password=False)
 #: A second database of the same Redis, for workers that must not share the session worker's queue.
-_redis = make_url(REDIS_URL)
 SPARE_REDIS_URL = os.environ.get("TEST_SPARE_REDIS_URL") or _redis.set(
     database=str((int(_redis.database or 0) + 1) % 16)
 ).render_as_string(hide_password=False)
-DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+_database = make_url(os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+if _N:
+    _database = _database.set(database=f"{_database.database}_{XDIST_WORKER}")
+DATABASE_URL = _database.render_as_string(hide_password=False)
 TOKEN = "tok-" + uuid.uuid4().hex  # the secret the stub services use; must never leak
 HEADER_TOKEN = "hdr-" + uuid.uuid4().hex  # a fixed header's value from the environment
 BOT_TOKEN = "4242:" + uuid.uuid4().hex  # a token inside a base URL's path
@@ -208,6 +217,12 @@ def _reset_database() -> None:
 
     from integrations.ledger.migrate import upgrade
 
+    name = make_url(DATABASE_URL).database
+    server = create_engine(make_url(DATABASE_URL).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with server.connect() as conn:  # a second xdist process's database, made on first use
+        if not conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first():
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    server.dispose()
     engine = create_engine(DATABASE_URL)
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))
@@ -217,6 +232,8 @@ def _reset_database() -> None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    if getattr(session.config.option, "numprocesses", None) and not hasattr(session.config, "workerinput"):
+        return  # pytest-xdist's controller: its processes prepare their own databases
     _require(REDIS_URL, "Redis")
     _require(DATABASE_URL, "PostgreSQL")
     import redis
