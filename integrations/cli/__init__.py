@@ -518,7 +518,3 @@ def _no_tables(e: BaseException) -> bool:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [""])[0][:300]
-
-
-if __name__ == "__main__":
-    sys.exit(main())
