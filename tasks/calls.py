@@ -24,7 +24,7 @@ from integrations import breaker, coordination, jobs, redact
 from integrations.config import get_settings
 from integrations.errors import CallError, PermanentError, RateLimited, TransientError
 from integrations.ledger import jobs as ledger
-from integrations.ledger import spool
+from integrations.ledger import reads, service_health, spool, sweeps
 from integrations.ledger.db import unreachable
 from integrations.ledger.models import TERMINAL, JobStatus, utcnow
 from integrations.observability import journal, traces
@@ -54,7 +54,7 @@ def republish(service: str, job_id: str, agent: str | None = None) -> None:
     if not traces.active():
         publish(service, job_id, agent)
         return
-    with traces.resumed(ledger.trace_contexts([job_id]).get(job_id)):
+    with traces.resumed(reads.trace_contexts([job_id]).get(job_id)):
         publish(service, job_id, agent)
 
 
@@ -278,7 +278,7 @@ def _gate(task: Task, svc: Service, job_id: str, slot: int | None, agent: str | 
     rate-limit slot was granted, ``None`` when the service has no limit."""
     gate = breaker.allow(svc)
     if gate.transition:
-        ledger.record_breaker_event(svc.name, gate.transition, "reset timeout passed: one probe call")
+        service_health.record_breaker_event(svc.name, gate.transition, "reset timeout passed: one probe call")
     if gate.wait > 0:
         _defer(task, job_id, gate.wait, None, agent, cause="breaker")
     if slot is not None:
@@ -355,7 +355,7 @@ def _defer(
             (job_id,), kwargs, task_id=job_id, retries=task.request.retries, **delay_options(wait)
         )
     else:
-        ledger.park(job_id, utcnow() + dt.timedelta(seconds=wait))
+        sweeps.park(job_id, utcnow() + dt.timedelta(seconds=wait))
     raise Ignore()
 
 
@@ -384,10 +384,10 @@ def _feed(svc: Service, out: Outcome | None, err: CallError | None, claim: ledge
     failed = isinstance(err, TransientError)
     transition = breaker.record(svc, ok=not failed)
     if transition == "closed":
-        ledger.record_breaker_event(svc.name, "closed", "a call succeeded")
-        ledger.release_deferred(svc.name)
+        service_health.record_breaker_event(svc.name, "closed", "a call succeeded")
+        sweeps.release_deferred(svc.name)
     elif transition == "open":
-        ledger.record_breaker_event(svc.name, "open", f"call failed: {err}")
+        service_health.record_breaker_event(svc.name, "open", f"call failed: {err}")
 
 
 def register_service_task(svc: Service) -> Task:
