@@ -13,6 +13,7 @@ from integrations import auth, ledger
 from integrations.config import get_settings
 from integrations.errors import InvalidParams, PermanentError, SubmitError, UnknownOperation, UnknownService
 from integrations.jsonlimits import too_deep
+from integrations.ledger import reads
 from integrations.ledger.jobs import Claim
 from integrations.ledger.models import JobStatus
 from integrations.observability import journal, traces
@@ -144,7 +145,7 @@ def replay(job_id: str, publish: Publish) -> str:
     gone fails here with a clear error rather than in the worker.
     """
     try:
-        old = ledger.jobs.get_job(job_id)
+        old = reads.get_job(job_id)
     except SQLAlchemyError as e:
         raise SubmitError(f"could not read the ledger ({type(e).__name__})") from e
     if old is None:

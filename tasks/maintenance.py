@@ -10,8 +10,7 @@ from celery.utils.log import get_task_logger
 
 from integrations import breaker, coordination, health, liveness, redact
 from integrations.config import get_settings
-from integrations.ledger import jobs as ledger
-from integrations.ledger import retention, spool
+from integrations.ledger import retention, service_health, spool, sweeps
 from integrations.ledger.models import utcnow
 from integrations.services import get_services
 from tasks.calls import republish
@@ -40,7 +39,7 @@ def requeue_stuck_jobs() -> int:
         return now - dt.timedelta(seconds=max(s.stuck_after, seconds))
 
     lost_nodes, of_lost = _jobs_of_lost_nodes(now)
-    found = of_lost + ledger.stuck_jobs(
+    found = of_lost + sweeps.stuck_jobs(
         now,
         # A deferred job sits queued for up to DEFER_COUNTDOWN_MAX (its countdown): not lost.
         queued_before=before(s.defer_countdown_max + 10),
@@ -76,20 +75,20 @@ def attempt_time(service: str) -> float:
 def _jobs_of_lost_nodes(now: dt.datetime) -> tuple[set[str], list[tuple[str, str, str | None]]]:
     """The worker nodes found lost, and their jobs reset for a new message."""
     try:
-        lost = liveness.lost(ledger.running_nodes())
+        lost = liveness.lost(sweeps.running_nodes())
         held = {job_id for node in lost for job_id in liveness.held(node)}
     except redis.RedisError as e:
         log.warning("worker liveness unknown (%s): only STUCK_AFTER applies this time", type(e).__name__)
         return set(), []
     if not lost:
         return set(), []
-    return lost, ledger.jobs_of_lost_nodes(now, lost, held, attempt_time)
+    return lost, sweeps.jobs_of_lost_nodes(now, lost, held, attempt_time)
 
 
 @app.task(name="integrations.dispatch_deferred", ignore_result=True)
 def dispatch_deferred() -> int:
     """Queue again the jobs parked in the ledger (long rate-limit waits) whose time has come."""
-    due = ledger.due_deferred(utcnow())
+    due = sweeps.due_deferred(utcnow())
     services = get_services()
     for job_id, service, agent in due:
         if service in services:
@@ -114,11 +113,11 @@ def health_check(service: str) -> bool | None:
         return None
     out = health.check(svc)
     error = redact.redact(out.error) if out.error else None
-    ledger.record_health(service, out.ok, out.status_code, out.latency_ms, error)
+    service_health.record_health(service, out.ok, out.status_code, out.latency_ms, error)
     if out.ok and breaker.state(service) != "closed":
         breaker.reset(service)
-        ledger.record_breaker_event(service, "closed", "health check passed")
-        ledger.release_deferred(service)
+        service_health.record_breaker_event(service, "closed", "health check passed")
+        sweeps.release_deferred(service)
     return out.ok
 
 

@@ -129,7 +129,7 @@ def drain(app: Any, r: Any, n: int, publish: Callable[[int], object]) -> tuple[f
 
 
 def latency(n: int, per_second: float) -> dict[str, float]:
-    from integrations.ledger import jobs as ledger
+    from integrations.ledger import reads
     from tasks import call_service
 
     ids = []
@@ -142,7 +142,7 @@ def latency(n: int, per_second: float) -> dict[str, float]:
     deadline = time.monotonic() + 60
     lat = []
     for job_id in ids:
-        while not ((job := ledger.get_job(job_id)) and job["finished_at"]):
+        while not ((job := reads.get_job(job_id)) and job["finished_at"]):
             if time.monotonic() > deadline:
                 raise SystemExit("bench: latency jobs did not finish in 60 s")
             time.sleep(0.01)
@@ -154,7 +154,7 @@ def latency(n: int, per_second: float) -> dict[str, float]:
 def limiter_accuracy(n: int) -> dict[str, Any]:
     """Submit ``n`` jobs at once to the service limited to 20/s; measure the rate of their
     calls from the ledger's start times (the claim comes right after the limiter's slot)."""
-    from integrations.ledger import jobs as ledger
+    from integrations.ledger import reads
     from integrations.services import get_services
     from tasks import call_service
 
@@ -164,7 +164,7 @@ def limiter_accuracy(n: int) -> dict[str, Any]:
     deadline = time.monotonic() + 120
     starts = []
     for job_id in ids:
-        while not ((job := ledger.get_job(job_id)) and job["finished_at"]):
+        while not ((job := reads.get_job(job_id)) and job["finished_at"]):
             if time.monotonic() > deadline:
                 raise SystemExit("bench: limited jobs did not finish in 120 s")
             time.sleep(0.01)

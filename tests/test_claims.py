@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL, make_url
 from stub import Stub
 from tcp_proxy import TcpProxy
 
-from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.ledger.migrate import upgrade
 from integrations.ledger.models import Base
 
@@ -164,7 +164,7 @@ def test_a_worker_and_a_submitter_given_only_the_file_forms_of_their_urls_work(
         assert out.returncode == 0, out.stderr + log.read_text()[-2000:]
     result = json.loads(out.stdout)
     assert result["status"] == "succeeded" and len(stub.hits_for(key)) == 1
-    job = ledger.get_job(result["job_id"])  # in the session's Postgres
+    job = reads.get_job(result["job_id"])  # in the session's Postgres
     assert job is not None and job["status"] == "succeeded"
     assert redis.Redis.from_url(REDIS_URL).exists(f"celery-task-meta-{result['job_id']}")
     assert not redis.Redis.from_url(SPARE_REDIS_URL).exists(f"celery-task-meta-{result['job_id']}")

@@ -14,7 +14,7 @@ from procs import cli, env_with
 from sqlalchemy.engine import make_url
 from stub import Reply, Stub
 
-from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from tasks import call_service
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -104,7 +104,7 @@ def test_a_broker_down_at_submit_is_one_line_and_leaves_no_job_queued(key: str) 
     assert "could not queue the job: broker unavailable" in out.stderr and "Traceback" not in out.stderr
     m = re.search(r"job ([0-9a-f-]{36}) was not run", out.stderr)
     assert m is not None
-    job = ledger.get_job(m.group(1))
+    job = reads.get_job(m.group(1))
     assert job is not None and job["status"] == "failed" and "broker unavailable" in job["error"]
 
 

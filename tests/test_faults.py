@@ -37,6 +37,7 @@ from stub import Hit, Reply, Stub
 from tcp_proxy import TcpProxy
 
 from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import TERMINAL, JobStatus
 
@@ -213,7 +214,7 @@ def wait_terminal(ids: list[str], timeout: float, logs: list[Path]) -> dict[str,
     deadline = time.monotonic() + timeout
     while pending:
         for job_id in list(pending):
-            job = ledger.get_job(job_id)
+            job = reads.get_job(job_id)
             if job is not None and job["status"] in TERMINAL:
                 rows[job_id] = job
                 pending.discard(job_id)
@@ -222,7 +223,7 @@ def wait_terminal(ids: list[str], timeout: float, logs: list[Path]) -> dict[str,
         if time.monotonic() > deadline:
             statuses: dict[str, int] = defaultdict(int)
             for job_id in pending:
-                job = ledger.get_job(job_id)
+                job = reads.get_job(job_id)
                 statuses[str(job["status"]) if job else "missing"] += 1
             tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in logs)
             raise AssertionError(
@@ -508,7 +509,7 @@ def test_an_outcome_got_while_postgres_is_away_past_the_time_limit_is_recorded_o
             wait_for(lambda: not spool.hexists("integrations:spool", job_id), 20, "the spool to empty", log)
             spool.close()
             time.sleep(3)  # the sweeper runs every second: it must not run the job again
-    job = ledger.get_job(job_id, with_attempts=True)
+    job = reads.get_job(job_id, with_attempts=True)
     assert job is not None and rows[job_id]["status"] == "succeeded"
     assert job["attempts"] == 1 and [a["outcome"] for a in job["attempts_log"]] == ["succeeded"]
     assert len(stub.hits_for(key)) == 1

@@ -23,7 +23,7 @@ from conftest import FILES_BASE
 from procs import cli
 
 from integrations.errors import PermanentError, UnknownOperation
-from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.services import get_services
 from integrations.services.base import Attempt
 from integrations.services.files import FilesService
@@ -79,7 +79,7 @@ def refused(service: str, op: str, **params: Any) -> str:
     result = call_service.delay(service, op, params)
     with pytest.raises(PermanentError) as e:
         result.get(timeout=30)
-    job = ledger.get_job(result.id)
+    job = reads.get_job(result.id)
     assert job is not None and (job["status"], job["attempts"]) == ("failed", 1)
     return str(e.value)
 

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from integrations.auth.grants import OAuth2
 from integrations.config import Settings
 from integrations.errors import ConfigError, InvalidParams, PermanentError
-from integrations.ledger import jobs as jobs_ledger
+from integrations.ledger import reads
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import Job
 from integrations.services import load_services
@@ -166,7 +166,7 @@ def test_a_rate_limit_reason_is_retried_and_not_found_is_permanent(oauth: Any, d
     window = {"time_min": "2026-12-01T00:00:00Z", "time_max": "2026-12-02T00:00:00Z"}
     out = run("list_events", window, dana)
     assert out["status"] == "succeeded" and out["attempts"] == 2
-    job = jobs_ledger.get_job(out["job_id"], with_attempts=True)
+    job = reads.get_job(out["job_id"], with_attempts=True)
     assert (
         job is not None and job["attempts_log"][0]["error"] == "Google Calendar: HTTP 403 rateLimitExceeded"
     )
@@ -277,7 +277,7 @@ def test_a_tool_of_a_per_user_service_runs_with_the_users_connection(oauth: Any,
     }
     answer = json.loads(run_tool(call, wait=20, connection=dana)["content"])
     assert answer["status"] == "succeeded" and answer["data"]["summary"] == f"{dana}@example.com"
-    assert jobs_ledger.get_job(answer["job_id"])["connection"] == dana  # type: ignore[index]
+    assert reads.get_job(answer["job_id"])["connection"] == dana  # type: ignore[index]
 
 
 def test_a_per_user_service_has_no_health_check(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from procs import cli, wait_for
 from integrations import coordination, health, http
 from integrations.config import Settings
 from integrations.errors import ConfigError, InvalidParams, PermanentError, RateLimited
-from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.services import Attempt, get_services, load_services
 from integrations.services.graphql import GraphqlService
 from integrations.services.graphql_errors import judge
@@ -45,7 +45,7 @@ def run(service: str, operation: str, **params: Any) -> dict[str, Any]:
 
 
 def job_of(job_id: str) -> dict[str, Any]:
-    job = ledger.get_job(job_id, with_attempts=True)
+    job = reads.get_job(job_id, with_attempts=True)
     assert job is not None
     return job
 

@@ -14,7 +14,7 @@ from stub import Reply, Stub, TlsStub
 from integrations import http, ssrf
 from integrations.errors import PermanentError, RateLimited, TransientError
 from integrations.jobs import resolve
-from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.services import Attempt, get_services
 from integrations.services.http_service import HttpService
 from tasks import call_service
@@ -166,7 +166,7 @@ def test_headers_go_with_every_request_and_one_from_the_environment_is_kept_out_
     assert hit.headers["x-plain"] == "plain"
     assert hit.headers["x-tenant-token"] == HEADER_TOKEN
     assert hit.headers["user-agent"] == http.USER_AGENT
-    job = ledger.get_job(out["job_id"])
+    job = reads.get_job(out["job_id"])
     for secret in (TOKEN, HEADER_TOKEN):
         assert secret not in json.dumps(job, default=str) and secret not in json.dumps(out)
 

@@ -24,6 +24,7 @@ from integrations.errors import (
     UnknownService,
 )
 from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import Job, JobAttempt
 from tasks import call_service, requeue_stuck_jobs
@@ -50,7 +51,7 @@ def job_count() -> int:
 
 
 def attempts_of(job_id: str) -> list[dict[str, Any]]:
-    job = ledger.get_job(job_id, with_attempts=True)
+    job = reads.get_job(job_id, with_attempts=True)
     assert job is not None
     return list(job["attempts_log"])
 
@@ -62,7 +63,7 @@ def test_delay_returns_the_result_and_the_ledger_keeps_the_life(stub: Stub, key:
     assert out["status"] == "succeeded"
     assert out["status_code"] == 200
     assert out["data"]["query"] == {"n": ["5"]}  # "5" was coerced to the declared int
-    job = ledger.get_job(r.id, with_attempts=True)
+    job = reads.get_job(r.id, with_attempts=True)
     assert job is not None
     assert job["status"] == "succeeded" and job["attempts"] == 1 and job["status_code"] == 200
     assert job["created_at"] <= job["started_at"] <= job["finished_at"]
@@ -174,7 +175,7 @@ def test_4xx_fails_at_once(stub: Stub, key: str) -> None:
     r = call_service.delay("stub", "echo", {"key": key})
     with pytest.raises(PermanentError, match="HTTP 404"):
         r.get(timeout=20)
-    job = ledger.get_job(r.id, with_attempts=True)
+    job = reads.get_job(r.id, with_attempts=True)
     assert job is not None
     assert (job["status"], job["attempts"], job["status_code"]) == ("failed", 1, 404)
     assert job["error"] == "HTTP 404 Not Found"
@@ -190,7 +191,7 @@ def test_retries_run_out_and_the_job_fails_with_every_attempt(stub: Stub, key: s
     log = attempts_of(r.id)
     assert [a["outcome"] for a in log] == ["retrying", "retrying", "retrying", "failed"]
     assert len(stub.hits_for(key)) == 4  # max_retries: 3
-    assert ledger.get_job(r.id)["status"] == "failed"  # type: ignore[index]
+    assert reads.get_job(r.id)["status"] == "failed"  # type: ignore[index]
 
 
 @pytest.mark.parametrize("form", ["seconds", "http-date"])
@@ -203,7 +204,7 @@ def test_retry_after_is_honoured(stub: Stub, key: str, form: str, status: int) -
     out = call_service.delay("stub", "echo", {"key": key}).get(timeout=30)
     first, second = stub.hits_for(key)
     assert second.at - first.at >= 1.95
-    job = ledger.get_job(out["job_id"], with_attempts=True)
+    job = reads.get_job(out["job_id"], with_attempts=True)
     assert job is not None and job["attempts_log"][0]["status_code"] == status
 
 
@@ -218,7 +219,7 @@ def test_ledger_bodies_are_bounded_and_hold_no_secret(stub: Stub, key: str) -> N
     stub.plan(key, Reply(body={"blob": "y" * 5000}))
     out = call_service.delay("stub_apikey", "echo", {"key": key}).get(timeout=20)
     assert len(out["data"]["blob"]) == 5000  # the caller gets the whole body
-    job = ledger.get_job(out["job_id"], with_attempts=True)
+    job = reads.get_job(out["job_id"], with_attempts=True)
     assert job is not None
     assert len(job["response_excerpt"].encode()) <= 512
     assert TOKEN not in json.dumps(job, default=str)
@@ -267,7 +268,7 @@ def test_a_redelivered_message_does_not_run_the_job_again(app: Any, stub: Stub, 
     assert ran == ["IGNORED"]
     assert len(stub.hits_for(key)) == 1
     assert r.get(timeout=5) == first
-    assert ledger.get_job(r.id)["attempts"] == 1  # type: ignore[index]
+    assert reads.get_job(r.id)["attempts"] == 1  # type: ignore[index]
 
 
 def test_the_sweeper_requeues_a_job_whose_message_was_lost(stub: Stub, key: str) -> None:

@@ -27,6 +27,7 @@ from integrations import coordination, health
 from integrations.config import Settings
 from integrations.errors import ConfigError, InvalidParams, PermanentError
 from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import Job
 from integrations.services import get_services, load_services
@@ -60,7 +61,7 @@ def chat(service: str, key: str, text: str = "hello there", **params: Any) -> As
 
 
 def job(job_id: str) -> dict[str, Any]:
-    found = ledger.get_job(job_id, with_attempts=True)
+    found = reads.get_job(job_id, with_attempts=True)
     assert found is not None
     return found
 

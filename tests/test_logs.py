@@ -18,7 +18,7 @@ from stub import Reply, Stub
 from test_processes import signed_github_delivery
 
 from integrations import jobs, redact
-from integrations.ledger import jobs as ledger
+from integrations.ledger import sweeps
 from integrations.ledger.models import utcnow
 from integrations.observability.logs import JsonFormatter
 
@@ -146,7 +146,7 @@ def test_beats_dispatchers_and_sweepers_are_quiet_at_info_until_they_move_someth
 
     # A job parked in the ledger whose time has come: the dispatcher moves it, and says so.
     job_id, _ = jobs.enqueue("stub", "echo", {"key": key}, None, lambda *_: None)
-    assert ledger.park(job_id, utcnow())
+    assert sweeps.park(job_id, utcnow())
     log = tmp_path / "moved.log"
     with running(_worker("beat-moved", "INFO", "--beat", f"--schedule={tmp_path / 'moved'}"), env, log):
         wait_for(lambda: "queued 1 deferred jobs whose time has come" in log.read_text(), 60, "the move", log)

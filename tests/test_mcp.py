@@ -123,7 +123,7 @@ def test_http_list_call_slow_job_and_refusal(http_server: tuple[str, Path], stub
 
 
 def test_http_jobs_are_the_agents_own(http_server: tuple[str, Path], stub: Stub, key: str) -> None:
-    from integrations.ledger import jobs
+    from integrations.ledger import reads
 
     url, _ = http_server
 
@@ -131,7 +131,7 @@ def test_http_jobs_are_the_agents_own(http_server: tuple[str, Path], stub: Stub,
         return await client.call_tool(CREATE, {"key": key, "body": {"title": "t"}})
 
     written = payload(over_http(url, TOKENS["writer"], write))
-    job = jobs.get_job(written["job_id"])
+    job = reads.get_job(written["job_id"])
     assert job is not None and job["agent"] == "writer"  # attributed to the token's agent
 
     async def peek(client: Client) -> Any:

@@ -36,7 +36,7 @@ from sqlalchemy import delete, func, select, update
 
 from integrations.errors import InvalidParams, PermanentError
 from integrations.ledger import connections as ledger
-from integrations.ledger import jobs as jobs_ledger
+from integrations.ledger import reads
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import Event, Job, OAuthState, utcnow
 from tasks import call_service, replay
@@ -147,7 +147,7 @@ def test_a_user_authorizes_through_the_callback_and_jobs_act_for_them(
     assert row.expires_at is not None and row.expires_at > utcnow()
     done = echo("oauth_user", key, connection=user)
     assert done["status"] == "succeeded" and done["data"]["user"] == user
-    job = jobs_ledger.get_job(done["job_id"])
+    job = reads.get_job(done["job_id"])
     assert job is not None and job["connection"] == user
 
     # The same callback again (a replay): refused, and the connection is as it was.
@@ -286,7 +286,7 @@ def test_a_second_401_fails_the_job_after_one_renewal(oauth: Any, user: str, key
         r.get(timeout=30)
     assert [h.status for h in store.hits_for(key)] == [401, 401]
     assert len(store.refreshes) == refreshes + 1
-    job = jobs_ledger.get_job(r.id)
+    job = reads.get_job(r.id)
     assert job is not None and job["attempts"] == 1 and job["status"] == "failed"
     row = ledger.get("oauth_user", user)
     assert row is not None and row.status == "active"  # the token is fine; the upstream said no
@@ -307,7 +307,7 @@ def test_invalid_grant_needs_reauth_fails_the_jobs_at_once_and_tells_the_handler
         with pytest.raises(PermanentError) as e:
             r.get(timeout=30)
         assert str(e.value) == f"connection {user} of oauth_user needs re-authorization"
-        job = jobs_ledger.get_job(r.id)
+        job = reads.get_job(r.id)
         assert job is not None and job["attempts"] == 1 and job["status"] == "failed"
     assert store.hits_for(key) == []  # the upstream was never called
     assert store.invalid_grants == invalid + 1  # one refresh tried; the others knew
@@ -334,7 +334,7 @@ def test_invalid_grant_needs_reauth_fails_the_jobs_at_once_and_tells_the_handler
     assert echo("oauth_user", key, connection=user)["data"]["user"] == user
     again = replay(results[0].id).get(timeout=30)
     assert again["status"] == "succeeded" and again["data"]["user"] == user
-    new_job = jobs_ledger.get_job(again["job_id"])
+    new_job = reads.get_job(again["job_id"])
     assert new_job is not None and (new_job["connection"], new_job["replay_of"]) == (user, results[0].id)
 
 
@@ -349,7 +349,7 @@ def test_a_token_endpoint_that_is_down_is_retried_and_the_connection_stays_activ
     out = echo("oauth_user", key, connection=user)
 
     assert out["status"] == "succeeded" and out["attempts"] == 3
-    job = jobs_ledger.get_job(out["job_id"], with_attempts=True)
+    job = reads.get_job(out["job_id"], with_attempts=True)
     assert job is not None
     errors = [a["error"] for a in job["attempts_log"]]
     down = "oauth_user: the token endpoint answered the refresh token with HTTP 503 (temporarily_unavailable)"
@@ -510,7 +510,7 @@ def test_tokens_and_client_secrets_are_nowhere_but_encrypted_in_the_ledger(
     stored = [r.get(k) for k in r.scan_iter("celery-task-meta-*")]
     places["result backend"] = "".join(v.decode(errors="replace") for v in stored if isinstance(v, bytes))
     for job_id in ids:
-        places[f"job {job_id}"] = json.dumps(jobs_ledger.get_job(job_id, with_attempts=True), default=str)
+        places[f"job {job_id}"] = json.dumps(reads.get_job(job_id, with_attempts=True), default=str)
         places[f"cli job {job_id}"] = cli("job", job_id).stdout
     with get_engine().connect() as conn:
         places["connections table"] = json.dumps(

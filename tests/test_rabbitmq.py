@@ -28,8 +28,7 @@ from stub import Reply, Stub
 from test_faults import redis_server, submit, worker_nodes
 from test_webhooks_in import github_post, handlings, runs
 
-from integrations.ledger import deliveries
-from integrations.ledger import jobs as ledger
+from integrations.ledger import deliveries, reads
 from integrations.ledger.models import JobStatus
 
 SERVICES = Path(__file__).resolve().parent / "services.yaml"
@@ -173,11 +172,11 @@ def test_a_message_rabbitmq_refuses_fails_the_submit_and_its_job(tmp_path: Path,
     for text in refused:
         assert "could not queue the job: broker unavailable" in text and "was not run" in text
         [job_id] = re.findall(r"job ([0-9a-f-]{36}) was not run", text)
-        job = ledger.get_job(job_id)
+        job = reads.get_job(job_id)
         assert job is not None and job["status"] == JobStatus.FAILED
     for what, job_id in outcomes:
         if what == "queued":
-            job = ledger.get_job(job_id)
+            job = reads.get_job(job_id)
             assert job is not None and job["status"] == JobStatus.QUEUED
 
 

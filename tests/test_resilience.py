@@ -18,6 +18,7 @@ from stub import Reply, Stub
 from integrations import breaker, coordination
 from integrations.errors import InvalidParams, PermanentError, RateLimited, TransientError
 from integrations.ledger import jobs as ledger
+from integrations.ledger import reads, service_health
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import HealthCheck as HealthCheckRow
 from tasks import call_service, dispatch_deferred, health_check
@@ -56,11 +57,11 @@ def test_the_breaker_opens_lets_only_probes_through_and_closes(stub: Stub, key: 
     # While open, only single probes reach the stub, each after the reset timeout (1.5 s).
     assert after_open[0].at - opened >= 1.4
     assert after_open[1].at - after_open[0].at >= 1.4
-    states = [e["state"] for e in reversed(ledger.list_breaker_events("stub_breaker", limit=10))]
+    states = [e["state"] for e in reversed(service_health.list_breaker_events("stub_breaker", limit=10))]
     assert states[-5:] == ["open", "half_open", "open", "half_open", "closed"]
     assert breaker.state("stub_breaker") == "closed"
     # Deferrals by the open breaker charge no attempt: every attempt is a call the stub saw.
-    attempts = sum(ledger.get_job(r.id)["attempts"] for r in failing + waiting)  # type: ignore[index]
+    attempts = sum(reads.get_job(r.id)["attempts"] for r in failing + waiting)  # type: ignore[index]
     assert attempts == len(hits)
 
 
@@ -79,7 +80,7 @@ def test_each_agent_gets_its_own_share_of_the_rate(stub: Stub, key: str) -> None
         assert times[-1] - times[0] >= (5 - 1) / 2 - 0.2
     # The agents ran side by side: beta's first call did not wait behind alpha's last.
     assert min(h.at for h in stub.hits_for(beta)) < max(h.at for h in stub.hits_for(alpha))
-    assert ledger.get_job(results[0].id)["agent"] == "alpha"  # type: ignore[index]
+    assert reads.get_job(results[0].id)["agent"] == "alpha"  # type: ignore[index]
     with pytest.raises(InvalidParams, match="agent must be"):
         call_service.delay("stub_agents", "echo", {"key": key}, agent="no spaces")
 
@@ -98,9 +99,9 @@ def test_a_failed_job_is_listed_and_replayed_as_a_new_linked_job(stub: Stub, key
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["status"] == "succeeded" and result["job_id"] != failed.id
-    new = ledger.get_job(result["job_id"])
+    new = reads.get_job(result["job_id"])
     assert new is not None and new["replay_of"] == failed.id and new["agent"] == "replayer"
-    assert ledger.get_job(failed.id)["status"] == "failed"  # type: ignore[index]
+    assert reads.get_job(failed.id)["status"] == "failed"  # type: ignore[index]
     assert len(stub.hits_for(key)) == 2
 
     again = cli("replay", result["job_id"])
@@ -128,9 +129,9 @@ def test_health_checks_are_recorded_shown_and_close_an_open_breaker(stub: Stub, 
     assert breaker.state("stub_health") == "open"
     waiting = call_service.delay("stub_health", "echo", {"key": key})
     deadline = time.monotonic() + 10
-    while ledger.get_job(waiting.id)["status"] != "deferred" and time.monotonic() < deadline:  # type: ignore[index]
+    while reads.get_job(waiting.id)["status"] != "deferred" and time.monotonic() < deadline:  # type: ignore[index]
         time.sleep(0.05)
-    assert ledger.get_job(waiting.id)["status"] == "deferred"  # type: ignore[index]
+    assert reads.get_job(waiting.id)["status"] == "deferred"  # type: ignore[index]
 
     stub.plan(probe, Reply(status=503))
     # Other tests' processes run beat with this services file: count only this test's checks.
@@ -145,7 +146,7 @@ def test_health_checks_are_recorded_shown_and_close_an_open_breaker(stub: Stub, 
 
     assert health_check.apply(("stub_health",)).get() is True
     assert breaker.state("stub_health") == "closed"
-    event = ledger.list_breaker_events("stub_health", limit=1)[0]
+    event = service_health.list_breaker_events("stub_health", limit=1)[0]
     assert (event["state"], event["reason"]) == ("closed", "health check passed")
     h = ledger.health("stub_health")
     assert h["status"] == "healthy" and h["status_code"] == 200 and h["latency_ms"] > 0
@@ -214,7 +215,7 @@ def test_a_spent_rate_limit_budget_holds_every_call_to_the_service_until_the_res
     assert len(hits) == 5
     assert all(h.at >= reset - 0.05 for h in hits[1:]), [round(h.at - reset, 2) for h in hits]
     # Held, not failed: no attempt was charged for the wait.
-    assert [ledger.get_job(r.id)["attempts"] for r in others] == [1] * 4  # type: ignore[index]
+    assert [reads.get_job(r.id)["attempts"] for r in others] == [1] * 4  # type: ignore[index]
 
 
 def test_health_checks_are_skipped_while_the_service_is_paused(stub: Stub, key: str) -> None:
@@ -255,5 +256,5 @@ def test_rate_limited_reaches_the_caller_once_the_retries_are_spent(stub: Stub, 
     hits = stub.hits_for(key)
     assert len(hits) == 4
     assert all(b.at - a.at >= 0.95 for a, b in itertools.pairwise(hits))  # each Retry-After obeyed
-    job = ledger.get_job(r.id)
+    job = reads.get_job(r.id)
     assert job is not None and (job["status"], job["attempts"], job["status_code"]) == ("failed", 4, 429)

@@ -31,7 +31,7 @@ from tcp_proxy import TcpProxy
 
 from integrations import health
 from integrations.errors import InvalidParams, PermanentError
-from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.services import get_services
 from tasks import call_service
 
@@ -47,7 +47,7 @@ def run(service: str, operation: str, **params: Any) -> dict[str, Any]:
 
 
 def job_of(job_id: str) -> dict[str, Any]:
-    job = ledger.get_job(job_id, with_attempts=True)
+    job = reads.get_job(job_id, with_attempts=True)
     assert job is not None
     return job
 

@@ -39,7 +39,7 @@ from integrations import http, ssrf
 from integrations.config import Settings
 from integrations.errors import ConfigError, InvalidParams, PermanentError, TransientError
 from integrations.jobs import resolve
-from integrations.ledger import deliveries
+from integrations.ledger import deliveries, reads
 from integrations.ledger import jobs as ledger
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import Job, JobStatus, utcnow
@@ -102,7 +102,7 @@ def test_a_redirect_to_another_origin_fails_the_job_and_carries_no_credential_th
     assert elsewhere.hits_for(key) == []
     (asked,) = stub.hits_for(key)
     assert credentials_in(asked)  # the service's own origin did get them
-    job = ledger.get_job(r.id)
+    job = reads.get_job(r.id)
     assert job is not None and job["status"] == "failed" and job["attempts"] == 1
 
 
@@ -178,7 +178,7 @@ def test_the_guard_judges_each_redirect_hop_and_refuses_one_that_resolves_to_loo
         r.get(timeout=20)
     assert [h.path for h in allowed.hits_for(key)] == [f"/echo/{key}"]
     assert loopback.hits_for(key) == []
-    job = ledger.get_job(r.id)
+    job = reads.get_job(r.id)
     assert job is not None and (job["status"], job["attempts"]) == ("failed", 1)
 
 
@@ -344,7 +344,7 @@ def test_a_failed_job_leaves_no_credential_in_the_result_backend_or_task_events(
     failed = [e for e in events if e.get("type") == "task-failed" and e.get("uuid") == r.id]
     assert failed and "connection refused" in failed[0]["exception"]
     assert TOKEN not in json.dumps(events)
-    job = ledger.get_job(r.id, with_attempts=True)
+    job = reads.get_job(r.id, with_attempts=True)
     assert job is not None and TOKEN not in json.dumps(job, default=str)
 
 
@@ -358,7 +358,7 @@ def test_an_upstream_that_echoes_credentials_does_not_put_them_in_the_ledger_or_
     quoted = call_service.delay("stub", "echo", {"key": key}).get(timeout=20)
     assert TOKEN not in json.dumps(quoted)
     for job_id in (echoed["job_id"], quoted["job_id"]):
-        job = ledger.get_job(job_id, with_attempts=True)
+        job = reads.get_job(job_id, with_attempts=True)
         assert job is not None and "[REDACTED]" in (job["response_excerpt"] or "")
         assert TOKEN not in json.dumps(job, default=str)
         shown = cli("job", job_id)
@@ -610,13 +610,13 @@ def test_an_answer_holding_nul_is_recorded_not_left_running(stub: Stub, key: str
     first = call_service.delay("stub", "echo", {"key": key}).get(timeout=20)
     second = call_service.delay("stub", "echo", {"key": key}).get(timeout=20)
     assert first["status"] == second["status"] == "succeeded"
-    job = ledger.get_job(second["job_id"])
+    job = reads.get_job(second["job_id"])
     assert job is not None and job["status"] == "succeeded" and "\ufffd" in (job["response_excerpt"] or "")
     stub.plan(key, Reply(status=400, reason="Bad\x00Request"))
     failed = call_service.delay("stub", "echo", {"key": key})
     with pytest.raises(PermanentError):
         failed.get(timeout=20)
-    row = ledger.get_job(failed.id)
+    row = reads.get_job(failed.id)
     assert row is not None and row["status"] == "failed" and row["attempts"] == 1
     assert len(stub.hits_for(key)) == 3
 
@@ -638,7 +638,7 @@ def test_an_outcome_recorded_late_never_overwrites_a_newer_attempt(stub: Stub, k
         first, status=JobStatus.RETRYING, started_at=utcnow(), status_code=502, latency_ms=1.0,
         error="HTTP 502", response_excerpt=None,
     )  # fmt: skip
-    job = ledger.get_job(job_id, with_attempts=True)
+    job = reads.get_job(job_id, with_attempts=True)
     assert job is not None and job["status"] == "succeeded" and job["status_code"] == 200
     assert [a["number"] for a in job["attempts_log"]] == [1, 2]
 
@@ -665,7 +665,7 @@ def test_credentials_echoed_in_any_form_are_masked_in_the_ledger_result_and_cli(
         shown = json.dumps(r.get(timeout=20))
     except PermanentError as e:
         shown = str(e)
-    job = ledger.get_job(r.id, with_attempts=True)
+    job = reads.get_job(r.id, with_attempts=True)
     stored = redis.Redis.from_url(REDIS_URL).get(f"celery-task-meta-{r.id}") or b""
     listing = cli("jobs", "--service", service, "--limit", "500").stdout + cli("job", r.id).stdout
     for secret in (TOKEN, HEADER_TOKEN):
@@ -812,7 +812,7 @@ def test_a_service_whose_token_this_process_lacks_fails_alone_naming_the_variabl
         "(nor CLAIMS_NEVER_SET_FILE)"
     )
     assert stub.hits_for(key) == []
-    job = ledger.get_job(r.id)
+    job = reads.get_job(r.id)
     assert job is not None and (job["status"], job["attempts"]) == ("failed", 1)
     assert call_service.delay("stub", "echo", {"key": key}).get(timeout=20)["status"] == "succeeded"
 

@@ -27,7 +27,7 @@ from test_faults import count_lines, redis_server, stack_env, wait_terminal, wor
 from integrations import coordination, health
 from integrations.config.loading import validate
 from integrations.errors import ConfigError, InvalidParams, PermanentError
-from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.services import Scope, get_services
 from integrations.services.slack import SlackService
 from integrations.ssrf import BlockedAddress
@@ -67,7 +67,7 @@ def fails(service: str, operation: str, **params: Any) -> tuple[PermanentError, 
 
 
 def job_of(job_id: str) -> dict[str, Any]:
-    job = ledger.get_job(job_id, with_attempts=True)
+    job = reads.get_job(job_id, with_attempts=True)
     assert job is not None
     return job
 

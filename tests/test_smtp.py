@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from integrations import health
 from integrations.errors import InvalidParams, PermanentError
-from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.ledger.db import get_engine
 from integrations.ledger.models import Job, JobAttempt
 from integrations.services import get_services
@@ -72,7 +72,7 @@ def send(service: str = "mail_out", **params: Any) -> AsyncResult:
 
 
 def job(job_id: str) -> dict[str, Any]:
-    found = ledger.get_job(job_id, with_attempts=True)
+    found = reads.get_job(job_id, with_attempts=True)
     assert found is not None
     return found
 

@@ -28,7 +28,7 @@ from tcp_proxy import TcpProxy
 
 from integrations import health
 from integrations.errors import ConfigError, InvalidParams, PermanentError, TransientError
-from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.services import get_services, load_services
 from tasks import call_service
 
@@ -44,7 +44,7 @@ def run(service: str, statement: str, **params: Any) -> dict[str, Any]:
 
 
 def job_of(job_id: str) -> dict[str, Any]:
-    job = ledger.get_job(job_id, with_attempts=True)
+    job = reads.get_job(job_id, with_attempts=True)
     assert job is not None
     return job
 

@@ -24,7 +24,7 @@ from stub import Reply, Stub
 
 from integrations import jobs
 from integrations.config import get_settings, get_webhooks
-from integrations.ledger import jobs as ledger
+from integrations.ledger import reads, sweeps
 from integrations.ledger.models import utcnow
 from integrations.observability import traces
 from integrations.observability.asgi import ObservedReceiver
@@ -107,7 +107,7 @@ def test_a_job_with_a_retry_is_one_trace_from_the_agents_span_to_the_upstream(
     sent = {tuple(h.headers["traceparent"].split("-")[1:3]) for h in hits}
     assert sent == {(f"{trace_id:032x}", f"{s.context.span_id:016x}") for s in gets}
     # The job row keeps the context it was submitted in; the params do not carry it.
-    row = ledger.get_job(result.id)
+    row = reads.get_job(result.id)
     assert row is not None and row["trace_context"]["traceparent"].split("-")[1] == f"{trace_id:032x}"
     assert row["params"] == {"key": key}
 
@@ -119,7 +119,7 @@ def test_a_job_parked_in_the_ledger_is_requeued_by_beat_into_its_own_trace(
     # deferral is; beat's dispatcher, in a trace of its own, queues it again.
     with trace.get_tracer("an agent").start_as_current_span("agent decides") as agent:
         job_id, _ = jobs.enqueue("stub", "echo", {"key": key}, None, lambda *_: None)
-    assert ledger.park(job_id, utcnow())
+    assert sweeps.park(job_id, utcnow())
     with trace.get_tracer("beat").start_as_current_span("beat tick") as tick:
         assert dispatch_deferred() >= 1
     assert call_service.AsyncResult(job_id).get(timeout=30)["status"] == "succeeded"
@@ -143,7 +143,7 @@ def test_with_tracing_off_nothing_is_made_and_nothing_is_sent(stub: Stub, key: s
     with traces.span("job.attempt") as nothing:
         assert nothing is None
     job_id, _ = jobs.enqueue("stub", "echo", {"key": key}, None, lambda *_: None)
-    row = ledger.get_job(job_id)
+    row = reads.get_job(job_id)
     assert row is not None and row["trace_context"] is None
 
 

@@ -17,9 +17,9 @@ def _since(args: argparse.Namespace) -> dt.datetime | None:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from integrations.ledger import jobs
+    from integrations.ledger import reads
 
-    rows = jobs.list_jobs(status=args.status, service=args.service, limit=args.limit)
+    rows = reads.list_jobs(status=args.status, service=args.service, limit=args.limit)
     cols = ["id", "service", "operation", "status", "attempts", "status_code", "latency_ms", "created_at"]
     if args.status == "failed":
         cols.append("error")
@@ -49,9 +49,9 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    from integrations.ledger import jobs
+    from integrations.ledger import reads
 
-    job = jobs.get_job(args.id, with_attempts=True)
+    job = reads.get_job(args.id, with_attempts=True)
     if job is None:
         raise IntegrationError(f"no job with id {args.id}")
     attempts = job.pop("attempts_log")

@@ -1,22 +1,24 @@
-"""Every read and write of the job ledger. Hot-path writes are single Core statements."""
+"""A job's own life in the ledger: created (once per idempotency key), claimed by a worker,
+given back, and each attempt recorded with the job's move to its next status. Hot-path writes
+are single Core statements. Reading and listing jobs is in :mod:`integrations.ledger.reads`,
+the sweeper's and dispatcher's queries in :mod:`integrations.ledger.sweeps`, breaker and
+health-check rows in :mod:`integrations.ledger.service_health`.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import JSON, Integer, Table, bindparam, func, insert, literal, select, update
+from sqlalchemy import JSON, Integer, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from integrations.errors import InvalidParams
 from integrations.ledger.db import get_engine, retried
 from integrations.ledger.models import (
     TERMINAL,
-    BreakerEvent,
-    HealthCheck,
     Job,
     JobAttempt,
     JobStatus,
@@ -31,8 +33,6 @@ from integrations.ledger.stats import stats as stats
 
 jobs = cast(Table, Job.__table__)
 attempts = cast(Table, JobAttempt.__table__)
-breaker_events = cast(Table, BreakerEvent.__table__)
-health_checks = cast(Table, HealthCheck.__table__)
 
 
 @dataclass(frozen=True)
@@ -291,304 +291,3 @@ def write_attempt(
 
 #: :func:`write_attempt`, retried while the database is unreachable (the worker's way).
 record_attempt = retried(write_attempt)
-
-
-# --------------------------------------------------------------------------------------------
-# Reads (CLI, library); the statistics and the health view are in integrations.ledger.stats
-# --------------------------------------------------------------------------------------------
-
-_SUMMARY = (
-    jobs.c.id,
-    jobs.c.service,
-    jobs.c.operation,
-    jobs.c.status,
-    jobs.c.attempts,
-    jobs.c.status_code,
-    jobs.c.latency_ms,
-    jobs.c.error,
-    jobs.c.created_at,
-    jobs.c.finished_at,
-)
-
-
-def get_job(job_id: str, with_attempts: bool = False) -> dict[str, Any] | None:
-    """The whole job row (and its attempts, oldest first), or ``None``."""
-    with get_engine().connect() as conn:
-        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
-        if row is None:
-            return None
-        job = dict(row)
-        if with_attempts:
-            job["attempts_log"] = [
-                dict(a)
-                for a in conn.execute(
-                    select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.number)
-                ).mappings()
-            ]
-    return job
-
-
-def list_jobs(status: str | None = None, service: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
-    """The newest jobs first, optionally of one status and one service."""
-    q = select(*_SUMMARY).order_by(jobs.c.created_at.desc()).limit(limit)
-    if status:
-        q = q.where(jobs.c.status == status)
-    if service:
-        q = q.where(jobs.c.service == service)
-    with get_engine().connect() as conn:
-        return [dict(r) for r in conn.execute(q).mappings()]
-
-
-def stuck_jobs(
-    now: dt.datetime,
-    queued_before: dt.datetime,
-    running_before: dt.datetime,
-    retrying_before: dt.datetime,
-    limit: int = 500,
-) -> list[tuple[str, str, str | None]]:
-    """``(job_id, service, agent)`` of jobs whose message is presumed lost, once reset for a new one.
-
-    Untouched since before the bound of their status: queued (lost message, emptied broker),
-    running (worker killed: past the task time limit no worker can still be at it), retrying
-    (past the longest countdown). A running job goes back to retrying. The reset is a
-    conditional update, so two sweepers never both take the same job.
-    """
-    with get_engine().begin() as conn:
-        rows = conn.execute(
-            select(*_STUCK)
-            .where(
-                ((jobs.c.status == JobStatus.QUEUED) & (jobs.c.updated_at < queued_before))
-                | ((jobs.c.status == JobStatus.RUNNING) & (jobs.c.updated_at < running_before))
-                | ((jobs.c.status == JobStatus.RETRYING) & (jobs.c.updated_at < retrying_before))
-            )
-            .order_by(jobs.c.updated_at)
-            .limit(limit)
-        ).all()
-        return _reset(conn, rows, now)
-
-
-_STUCK = (jobs.c.id, jobs.c.service, jobs.c.agent, jobs.c.status, jobs.c.updated_at, jobs.c.attempts)
-
-
-def _reset(conn: Any, rows: Any, now: dt.datetime) -> list[tuple[str, str, str | None]]:
-    """Reset each of ``rows`` (:data:`_STUCK` columns) for a new message, unless it moved since
-    it was read; record the attempt of a running one as lost. The ``(id, service, agent)`` reset."""
-    found: list[tuple[str, str, str | None]] = []
-    for job_id, service, agent, status, updated_at, attempt in rows:
-        res = conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.status == status, jobs.c.updated_at == updated_at)
-            .values(
-                status=JobStatus.RETRYING if status != JobStatus.QUEUED else JobStatus.QUEUED,
-                updated_at=now,
-                node=None,
-            )
-        )
-        if res.rowcount == 1:
-            found.append((job_id, service, agent))
-            if status == JobStatus.RUNNING and attempt > 0:
-                _record_lost(conn, job_id, attempt, updated_at, now)
-    return found
-
-
-def running_nodes() -> set[str]:
-    """The worker nodes that hold running jobs, as the ledger knows them."""
-    with get_engine().connect() as conn:
-        return set(
-            conn.execute(
-                select(jobs.c.node)
-                .where(jobs.c.status == JobStatus.RUNNING, jobs.c.node.is_not(None))
-                .distinct()
-            ).scalars()
-        )
-
-
-def jobs_of_lost_nodes(
-    now: dt.datetime,
-    nodes: Collection[str],
-    held: Collection[str],
-    attempt_time: Callable[[str], float],
-) -> list[tuple[str, str, str | None]]:
-    """``(job_id, service, agent)`` of the jobs lost with worker ``nodes``, once reset for a
-    new message: those they claimed (running, their attempt counted as lost) once the attempt's
-    own time is up (``attempt_time(service)`` seconds after the claim: the call it made cannot
-    still be waited for), and the ``held`` ones (messages they had received) still waiting."""
-    if not nodes and not held:
-        return []
-    with get_engine().begin() as conn:
-        rows = []
-        if nodes:
-            running = conn.execute(
-                select(*_STUCK).where(jobs.c.status == JobStatus.RUNNING, jobs.c.node.in_(list(nodes)))
-            ).all()
-            rows += [
-                r for r in running if r.updated_at <= now - dt.timedelta(seconds=attempt_time(r.service))
-            ]
-        for chunk in _chunks(list(held), 500):
-            rows += conn.execute(
-                select(*_STUCK).where(
-                    jobs.c.id.in_(chunk), jobs.c.status.in_((JobStatus.QUEUED, JobStatus.RETRYING))
-                )
-            ).all()
-        return _reset(conn, rows, now)
-
-
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def _record_lost(conn: Any, job_id: str, number: int, started_at: dt.datetime, now: dt.datetime) -> None:
-    """The attempt a lost worker was making: counted when claimed, so it gets its row (unless its
-    outcome reached the ledger after all)."""
-    exists = select(attempts.c.id).where(attempts.c.job_id == job_id, attempts.c.number == number)
-    conn.execute(
-        insert(attempts).from_select(
-            ["job_id", "number", "outcome", "error", "started_at", "finished_at"],
-            select(
-                literal(job_id),
-                literal(number),
-                literal("lost"),
-                literal("the worker running it was lost; re-queued by the sweeper"),
-                literal(started_at, UTCDateTime()),
-                literal(now, UTCDateTime()),
-            ).where(~exists.exists()),
-        )
-    )
-
-
-@retried
-def park(job_id: str, until: dt.datetime) -> bool:
-    """Set a queued or retrying job aside until ``until``; beat's dispatcher queues it then."""
-    with get_engine().begin() as conn:
-        res = conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.status.in_((JobStatus.QUEUED, JobStatus.RETRYING)))
-            .values(status=JobStatus.DEFERRED, next_attempt_at=until, updated_at=utcnow())
-        )
-    return res.rowcount == 1
-
-
-def due_deferred(now: dt.datetime, limit: int = 1000) -> list[tuple[str, str, str | None]]:
-    """``(job_id, service, agent)`` of parked jobs whose time has come, moved back to queued."""
-    due: list[tuple[str, str, str | None]] = []
-    with get_engine().begin() as conn:
-        rows = conn.execute(
-            select(jobs.c.id, jobs.c.service, jobs.c.agent)
-            .where(jobs.c.status == JobStatus.DEFERRED, jobs.c.next_attempt_at <= now)
-            .order_by(jobs.c.next_attempt_at)
-            .limit(limit)
-        ).all()
-        for job_id, service, agent in rows:
-            res = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status == JobStatus.DEFERRED)
-                .values(status=JobStatus.QUEUED, updated_at=now)
-            )
-            if res.rowcount == 1:
-                due.append((job_id, service, agent))
-    return due
-
-
-@retried
-def release_deferred(service: str) -> int:
-    """Make every job of ``service`` parked in the ledger due now (its breaker just closed)."""
-    now = utcnow()
-    with get_engine().begin() as conn:
-        res = conn.execute(
-            update(jobs)
-            .where(
-                jobs.c.service == service,
-                jobs.c.status == JobStatus.DEFERRED,
-                jobs.c.next_attempt_at > now,
-            )
-            .values(next_attempt_at=now)
-        )
-    return int(res.rowcount)
-
-
-@retried
-def record_breaker_event(service: str, state: str, reason: str) -> None:
-    with get_engine().begin() as conn:
-        conn.execute(
-            insert(breaker_events), {"service": service, "state": state, "reason": reason, "at": utcnow()}
-        )
-
-
-def list_breaker_events(service: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    q = select(breaker_events).order_by(breaker_events.c.at.desc(), breaker_events.c.id.desc()).limit(limit)
-    if service:
-        q = q.where(breaker_events.c.service == service)
-    with get_engine().connect() as conn:
-        return [dict(r) for r in conn.execute(q).mappings()]
-
-
-# --------------------------------------------------------------------------------------------
-# Health checks
-# --------------------------------------------------------------------------------------------
-
-#: Health checks older than this are dropped as new ones come in.
-HEALTH_KEEP = dt.timedelta(days=7)
-
-
-@retried
-def record_health(
-    service: str, ok: bool, status_code: int | None, latency_ms: float | None, error: str | None
-) -> None:
-    now = utcnow()
-    with get_engine().begin() as conn:
-        conn.execute(
-            insert(health_checks),
-            {
-                "service": service,
-                "ok": ok,
-                "status_code": status_code,
-                "latency_ms": latency_ms,
-                "error": error,
-                "checked_at": now,
-            },
-        )
-        conn.execute(
-            health_checks.delete().where(
-                health_checks.c.service == service, health_checks.c.checked_at < now - HEALTH_KEEP
-            )
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Open jobs and trace contexts (issue 15: the metrics exporter, beat's re-queueing)
-# --------------------------------------------------------------------------------------------
-
-OPEN = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.RETRYING, JobStatus.DEFERRED)
-
-
-def open_jobs(now: dt.datetime | None = None) -> dict[tuple[str, str], tuple[int, float]]:
-    """``(service, status) -> (jobs, seconds since the oldest of them last moved)`` for the jobs
-    not settled yet, in one grouped query (the status index finds them; settled jobs, the
-    bulk of a ledger, are not read)."""
-    now = now or utcnow()
-    q = (
-        select(jobs.c.service, jobs.c.status, func.count(), func.min(jobs.c.updated_at))
-        .where(jobs.c.status.in_(OPEN))
-        .group_by(jobs.c.service, jobs.c.status)
-    )
-    with get_engine().connect() as conn:
-        rows = conn.execute(q).all()
-    out: dict[tuple[str, str], tuple[int, float]] = {}
-    for service, status, count, oldest in rows:  # min() keeps the column's type: aware UTC
-        age = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
-        out[(service, str(status))] = (int(count), age)
-    return out
-
-
-def trace_contexts(job_ids: list[str]) -> dict[str, dict[str, str]]:
-    """The trace context each of ``job_ids`` was submitted in (those that have one)."""
-    if not job_ids:
-        return {}
-    with get_engine().connect() as conn:
-        rows = conn.execute(
-            select(jobs.c.id, jobs.c.trace_context).where(
-                jobs.c.id.in_(job_ids), jobs.c.trace_context.is_not(None)
-            )
-        ).all()
-    return {job_id: dict(ctx) for job_id, ctx in rows if isinstance(ctx, dict)}

@@ -80,8 +80,7 @@ def read_snapshot(queues: Callable[[], Mapping[str, int]]) -> Snapshot:
     service's breaker and pause) and the broker (``queues()``); a source that fails is
     reported down (``integrations_exporter_source_up``), the others still are."""
     from integrations import breaker, coordination
-    from integrations.ledger import deliveries
-    from integrations.ledger import jobs as ledger
+    from integrations.ledger import deliveries, reads
     from integrations.services import get_services
 
     t0 = time.perf_counter()
@@ -96,7 +95,7 @@ def read_snapshot(queues: Callable[[], Mapping[str, int]]) -> Snapshot:
             log.warning("metrics: %s not read (%s)", source, type(e).__name__)
 
     def from_ledger() -> None:
-        snap.open_jobs = ledger.open_jobs()
+        snap.open_jobs = reads.open_jobs()
         snap.endpoints = {e["id"]: bool(e["enabled"]) for e in deliveries.list_endpoints()}
 
     def from_redis() -> None:

@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 from integrations.errors import IntegrationError, InvalidParams, SubmitError
 from integrations.jobs import PARAMS_DEPTH_MAX
 from integrations.jsonlimits import too_deep
-from integrations.ledger import jobs as ledger
+from integrations.ledger import reads
 from integrations.tools.definitions import index
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def outcome(job_id: str, submitter: Submitter, wait: float) -> tuple[bool, dict[
     except IntegrationError as e:
         return True, {"job_id": job_id, "status": "failed", "error": str(e)}
     if result is None:
-        job = ledger.get_job(job_id)
+        job = reads.get_job(job_id)
         status = job["status"] if job else "queued"
         return False, {
             "job_id": job_id,
@@ -164,7 +164,7 @@ def outcome(job_id: str, submitter: Submitter, wait: float) -> tuple[bool, dict[
 
 def job_status(job_id: Any, submitter: Submitter, *, agent: str | None) -> tuple[bool, dict[str, Any]]:
     """Job ``job_id`` as :func:`outcome` shows it, if ``agent`` submitted it (when given)."""
-    job = ledger.get_job(job_id) if isinstance(job_id, str) and 0 < len(job_id) <= 64 else None
+    job = reads.get_job(job_id) if isinstance(job_id, str) and 0 < len(job_id) <= 64 else None
     if job is None or (agent is not None and job.get("agent") != agent):
         return True, {"error": "no job with this id was submitted by this agent"}
     if job["status"] == "failed":
