@@ -499,3 +499,14 @@ def test_a_broken_document_is_one_line_naming_the_problem(
         import_openapi(path, "s")
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
     assert "Error" not in str(e.value).split(":")[0]
+
+
+def test_an_alias_to_a_long_text_used_many_times_is_refused(tmp_path: Path) -> None:
+    lines = ["openapi: 3.0.3", "info: {title: t, version: '1'}", "servers: [{url: 'https://a.example.com'}]"]
+    lines.append("x-big: &b " + "A" * 1_000_000)
+    lines.append("x-uses: [" + ", ".join(["*b"] * 70) + "]")  # 70 MB of text from a 1 MB file
+    lines.append("paths: {/a: {get: {operationId: a, responses: {'200': {description: ok}}}}}")
+    path = tmp_path / "big.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ImportFailed, match=r"^big.yaml expands to over 64 MiB of text \(YAML aliases\?\)$"):
+        import_openapi(path, "s")

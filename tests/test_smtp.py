@@ -213,6 +213,7 @@ def test_a_partial_refusal_delivers_to_the_rest_and_lists_the_refused(server: Ha
             "attachments.0.filename: must not contain a line break",
         ),
         ({"headers": {"Message-ID": "<x@y>"}}, "headers.Message-ID: set by the operation's own parameters"),
+        ({"headers": {"Resent-From": "ceo@bank.example"}}, "headers.Resent-From: set by the operation's own"),
         ({"to": ["not an address"]}, "to.0: not an email address"),
         ({"attachments": [{"filename": "a", "content": "***"}]}, "attachments.0.content: not valid base64"),
         (

@@ -342,3 +342,21 @@ def test_arguments_nested_too_deeply_are_a_result_the_model_reads() -> None:
     result = run_tool(block, wait=1)
     assert result["is_error"] is True
     assert json.loads(result["content"]) == {"error": "the arguments are nested deeper than 32 levels"}
+
+
+def test_tool_call_keys_are_unambiguous_and_follow_the_arguments() -> None:
+    from integrations.tools.calls import idempotency_key
+
+    # Joined with ':' these would spell one key, and one agent would get the other's result.
+    assert idempotency_key("openai", "k8:y", "a") != idempotency_key("openai", "y", "a:k8")
+    assert idempotency_key("openai", "c", "a", connection="x:y") != idempotency_key(
+        "openai", "c:x", "a", connection="y"
+    )
+    # A model that reuses a call id for other arguments gets a new job, not the earlier result.
+    assert idempotency_key("openai", "call_0", "a", {"p": 1}) != idempotency_key(
+        "openai", "call_0", "a", {"p": 2}
+    )
+    # The nulls strict mode sends for what it leaves out are the same call.
+    assert idempotency_key("openai", "c", "a", {"p": 1, "q": None}) == idempotency_key(
+        "openai", "c", "a", {"p": 1}
+    )

@@ -45,6 +45,14 @@ RESERVED = frozenset(
         "content-type",
         "content-transfer-encoding",
         "content-disposition",
+        # Resent-*: who a message claims to have been resent by (RFC 5322 3.6.6), a From by another name.
+        "resent-from",
+        "resent-sender",
+        "resent-to",
+        "resent-cc",
+        "resent-bcc",
+        "resent-date",
+        "resent-message-id",
     }
 )
 #: CR, LF, NUL, and what else Python counts as a line boundary (VT, FF, FS, GS, RS, NEL,

@@ -89,11 +89,26 @@ def parse_call(tool_call: Any) -> ToolCall:
     )
 
 
-def idempotency_key(source: str, call_id: str, agent: str | None, connection: str | None = None) -> str:
-    """The same key for the same call of the same agent (and end user), so a call run twice is
-    one job."""
-    key = f"tool:{source}:{agent or '-'}:{call_id}" + (f":{connection}" if connection else "")
-    return key if len(key) <= 255 else "tool:" + hashlib.sha256(key.encode()).hexdigest()
+def idempotency_key(
+    source: str, call_id: str, agent: str | None, arguments: Any = None, connection: str | None = None
+) -> str:
+    """The same key for the same call (id and arguments) of the same agent and end user, so a
+    call run twice is one job; the parts hashed as a JSON list, so no two calls share a key
+    however their names are spelt, and a model that reuses an id for other arguments gets a
+    new job, not an earlier call's result."""
+    try:  # the nulls a strict-mode model sends for what it leaves out change nothing
+        parts = json.dumps(
+            [source, agent, call_id, connection, _no_nulls(arguments)], sort_keys=True, default=str
+        )
+    except (ValueError, RecursionError):  # arguments refused before any job is made
+        parts = json.dumps([source, agent, call_id, connection])
+    return "tool:" + hashlib.sha256(parts.encode()).hexdigest()
+
+
+def _no_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _no_nulls(v) for k, v in value.items() if v is not None}
+    return [_no_nulls(v) for v in value] if isinstance(value, list) else value
 
 
 def drop_nulls(value: Any, schema: Mapping[str, Any]) -> Any:
@@ -192,7 +207,7 @@ def run(
     if call.problem is not None:
         is_error, payload = True, {"error": call.problem}
     else:
-        key = idempotency_key(call.provider, call.id, agent, connection)
+        key = idempotency_key(call.provider, call.id, agent, call.arguments, connection)
         is_error, payload = call_tool(
             call.name, call.arguments, submitter, agent=agent, wait=wait, key=key, connection=connection
         )

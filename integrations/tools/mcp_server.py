@@ -146,7 +146,11 @@ def build_server(
         else:
             session = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else process
             # Within one session a request id names one call; without a session it names nothing.
-            key = f"mcp:{agent or '-'}:{session}:{ctx.request_id}" if session else None
+            key = (
+                "mcp:" + hashlib.sha256(json.dumps([agent, session, ctx.request_id]).encode()).hexdigest()
+                if session
+                else None
+            )
             is_error, payload = await anyio.to_thread.run_sync(
                 lambda: calls.call_tool(params.name, args, submitter, agent=agent, wait=wait, key=key)
             )

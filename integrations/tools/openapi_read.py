@@ -22,6 +22,9 @@ from integrations.errors import IntegrationError
 MAX_BYTES = 32 * 1024 * 1024
 MAX_NODES = 2_000_000
 MAX_DEPTH = 256
+#: Text in all, once aliases expand: an alias to one long string, used a thousand times, is
+#: few values but much text to validate, convert and write.
+MAX_TEXT = 64 * 1024 * 1024
 
 
 class ImportFailed(IntegrationError):
@@ -50,13 +53,19 @@ def read_document(path: Path) -> Any:
 
 def _check_size(doc: Any, name: str) -> None:
     """Walk ``doc`` as its readers will, aliases expanded, stopping at the first bound crossed."""
-    count = 0
+    count = text = 0
     stack: list[tuple[Any, int]] = [(doc, 0)]
     while stack:
         node, depth = stack.pop()
         count += 1
         if count > MAX_NODES:
             raise ImportFailed(f"{name} expands to over {MAX_NODES:,} values (YAML aliases?)")
+        if isinstance(node, str):
+            text += len(node)
+            if text > MAX_TEXT:
+                raise ImportFailed(
+                    f"{name} expands to over {MAX_TEXT // (1024 * 1024)} MiB of text (YAML aliases?)"
+                )
         if depth > MAX_DEPTH:
             raise ImportFailed(f"{name} is nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, dict):
