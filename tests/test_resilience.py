@@ -30,8 +30,11 @@ def test_a_429_with_retry_after_pauses_every_call_to_the_service(stub: Stub, key
     stub.plan(key, Reply(status=429, headers={"Retry-After": "3"}))
     first = call_service.delay("stub_paused", "echo", {"key": key})
     deadline = time.monotonic() + 10
-    while not stub.hits_for(key) and time.monotonic() < deadline:
+    # The pause can only start once the worker has read the 429: wait for it, not for the hit
+    # (a call sent between the two is not one the pause could have held).
+    while coordination.paused_for("stub_paused") <= 0 and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert len(stub.hits_for(key)) == 1 and coordination.paused_for("stub_paused") > 0
     others = [call_service.delay("stub_paused", "echo", {"key": key}) for _ in range(5)]
     for r in [first, *others]:
         assert r.get(timeout=30)["status"] == "succeeded"
